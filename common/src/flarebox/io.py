@@ -68,29 +68,93 @@ def discover(input_dir: Path) -> tuple[list[Case], list[CaseError]]:
     return cases, rejected
 
 
-def _check_nifti_header(path: Path) -> None:
-    """Fail early and plainly on what ITK would report as a long, unclear stack of messages."""
+FLOAT_DATATYPES = {16, 64, 1536}  # NIfTI float32, float64, float128
+
+
+def _nifti_datatype(header: bytes) -> int:
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
+        if sizeof_hdr == 348:
+            return struct.unpack(endian + "h", header[70:72])[0]
+        if sizeof_hdr == 540:
+            return struct.unpack(endian + "h", header[12:14])[0]
+    return 0
+
+
+def _expected_nifti_bytes(header: bytes) -> int | None:
+    """Uncompressed file size implied by a NIfTI-1 or NIfTI-2 header (None when it can't be told)."""
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
+        if sizeof_hdr == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        elif sizeof_hdr == 540 and len(header) >= 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+        else:
+            continue
+        n_dims = dims[0]
+        if not 1 <= n_dims <= 7 or bitpix <= 0:
+            return None
+        voxels = 1
+        for d in dims[1 : n_dims + 1]:
+            voxels *= max(int(d), 1)
+        return max(offset, sizeof_hdr + 4) + voxels * bitpix // 8
+    raise CaseError("", "")  # replaced by the caller's message
+
+
+def _gzip_member_is_complete(path: Path) -> bool:
+    """Decompress the whole stream once, checking its CRC and length (slow path, rarely taken)."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error):
+        return False
+    return True
+
+
+def _check_nifti_file(path: Path) -> int:
+    """Fail early and plainly where ITK would either print a long stack of messages or, for a
+    truncated .nii.gz, silently fill the missing voxels with zeros."""
     try:
         with open(path, "rb") as fh:
             magic = fh.read(2)
+            fh.seek(-4, os.SEEK_END)
+            isize = struct.unpack("<I", fh.read(4))[0]  # gzip trailer: uncompressed size mod 2**32
         if magic != b"\x1f\x8b":
             raise CaseError(path, "cannot read: not gzip-compressed (expected a .nii.gz file)")
         with gzip.open(path, "rb") as fh:
-            header = fh.read(348)
+            header = fh.read(540)
     except (OSError, EOFError, zlib.error) as exc:
         raise CaseError(path, f"cannot read: corrupt gzip stream ({exc})") from exc
     if len(header) < 348:
         raise CaseError(path, "cannot read: truncated file (shorter than a NIfTI header)")
-    sizeof_hdr_le = struct.unpack("<i", header[:4])[0]
-    sizeof_hdr_be = struct.unpack(">i", header[:4])[0]
-    if 348 not in (sizeof_hdr_le, sizeof_hdr_be) and 540 not in (sizeof_hdr_le, sizeof_hdr_be):
-        raise CaseError(path, "cannot read: not a NIfTI file (bad header)")
+    try:
+        expected = _expected_nifti_bytes(header)
+    except CaseError:
+        raise CaseError(path, "cannot read: not a NIfTI file (bad header)") from None
+    # The trailer check is O(1); a mismatch is confirmed by full decompression before rejecting,
+    # since a multi-member gzip file legitimately carries only its last member's size there.
+    if expected is not None and isize != expected % 2**32 and not _gzip_member_is_complete(path):
+        raise CaseError(path, "cannot read: truncated or corrupt image data (gzip stream ends early)")
+    return _nifti_datatype(header)
+
+
+def _count_non_finite(path: Path) -> int:
+    """ITK's NIfTI reader turns NaN into 0 without a word, so float files are checked on the raw data."""
+    import nibabel
+
+    data = np.asanyarray(nibabel.load(str(path)).dataobj)
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
 def read_image(path: Path) -> tuple[sitk.Image, Volume]:
     """Read a 3D NIfTI image; returns the ITK image (for its metadata) and a float32 (z, y, x) volume."""
     path = Path(path)
-    _check_nifti_header(path)
+    datatype = _check_nifti_file(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -104,11 +168,9 @@ def read_image(path: Path) -> tuple[sitk.Image, Volume]:
         raise CaseError(path, f"{image.GetNumberOfComponentsPerPixel()} components per voxel: expected 1")
     if min(image.GetSize()) < 2:
         raise CaseError(path, f"image of size {image.GetSize()} is flat: expected a 3D volume")
+    if datatype in FLOAT_DATATYPES and (bad := _count_non_finite(path)):
+        raise CaseError(path, f"{bad} voxels are NaN or infinite")
     array = sitk.GetArrayViewFromImage(image)
-    if not np.issubdtype(array.dtype, np.integer):
-        finite = np.isfinite(array)
-        if not finite.all():
-            raise CaseError(path, f"{int((~finite).sum())} voxels are NaN or infinite")
     geometry = Geometry(
         spacing_xyz_mm=tuple(image.GetSpacing()),
         origin_xyz_mm=tuple(image.GetOrigin()),

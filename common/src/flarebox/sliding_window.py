@@ -43,14 +43,23 @@ def tile_starts(image_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], step_siz
     return starts
 
 
+# Smallest weight when accumulating in float16: its smallest normal number. Below it products of
+# logits and weights lose their precision (nnU-Net's half-precision accumulator has that error at
+# tile corners); flooring changes the blend only where a tile's weight is negligible anyway.
+FLOAT16_WEIGHT_FLOOR = 2.0**-14
+
+
 @lru_cache(maxsize=4)
-def gaussian_importance(patch_zyx: tuple[int, ...], sigma_scale: float = 1.0 / 8) -> np.ndarray:
-    """Gaussian weight map peaking at the patch centre (max 1, no zeros: zeros would divide by 0)."""
+def gaussian_importance(patch_zyx: tuple[int, ...], sigma_scale: float = 1.0 / 8, floor: float = 0.0) -> np.ndarray:
+    """Gaussian weight map peaking at the patch centre (max 1, no zeros: zeros would divide by 0).
+
+    floor: lower bound of the weights (0 = nnU-Net's map, where only exact zeros are replaced)."""
     impulse = np.zeros(patch_zyx, dtype=np.float64)
     impulse[tuple(p // 2 for p in patch_zyx)] = 1.0
     weights = gaussian_filter(impulse, [p * sigma_scale for p in patch_zyx], 0, mode="constant", cval=0)
     weights /= weights.max()
     weights[weights == 0] = weights[weights > 0].min()
+    np.maximum(weights, floor, out=weights)
     weights = weights.astype(np.float32)
     weights.setflags(write=False)
     return weights
@@ -111,7 +120,8 @@ def predict_logits(
     patch = tuple(backend.patch_zyx)
     padded, undo = pad_to_patch(np.asarray(data, dtype=np.float32), patch)
     shape = padded.shape[1:]
-    weights = gaussian_importance(patch)
+    half = np.dtype(accumulate_dtype) == np.float16
+    weights = gaussian_importance(patch, floor=FLOAT16_WEIGHT_FLOOR if half else 0.0)
     accumulated = np.zeros((backend.num_classes, *shape), dtype=accumulate_dtype)
     weight_sum = np.zeros(shape, dtype=np.float32)
     slicers = list(tiles(shape, patch, step_size))

@@ -1,0 +1,178 @@
+"""Task 2 benchmark: stage times, whole-process time, peak RSS and network share, per backend/precision.
+
+    make bench                      # OpenVINO f32/bf16/int8 + torch f32 on a 512x512x300 CT
+    make bench BENCH_ARGS="--slices 600 --nnunet"
+
+The model is the published Task 2 network (PlainConvUNet, 30.7 M parameters) with random weights;
+the CT is synthetic, 512x512xS at 0.8x0.8x2.5 mm. Every configuration runs in a fresh process (as a
+container would), timed from process start to exit; peak RSS comes from wait4 on that process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = [("openvino", "f32"), ("openvino", "bf16"), ("openvino", "int8"), ("torch", "f32")]
+
+
+def synthetic_ct(path: Path, slices: int, seed: int = 0) -> Path:
+    from tests.images import ct_like, write_image
+
+    if not path.exists():
+        write_image(path, ct_like((slices, 512, 512), seed=seed), spacing_xyz=(0.8, 0.8, 2.5))
+    return path
+
+
+def prepare(workdir: Path, slices: int) -> tuple[Path, Path]:
+    """The random-weight Task 2 model with f32 and INT8 IR, and the input folder; made once, reused."""
+    from flarebox.convert import convert_model
+
+    from tests import nnunet_fixtures
+
+    model = workdir / "task2_model"
+    if not (model / "openvino" / "manifest.json").is_file():
+        nnunet_fixtures.make_trained_model_folder(model, **nnunet_fixtures.FLARE_TASK2_PLAIN)
+        calib = synthetic_ct(workdir / "calib_0000.nii.gz", 80, seed=1)
+        start = time.perf_counter()
+        convert_model(model, calibration_images=[calib], tiles_per_image=8)
+        print(f"converted to OpenVINO f32 + INT8 in {time.perf_counter() - start:.1f}s", flush=True)
+    inputs = workdir / f"inputs_{slices}"
+    inputs.mkdir(parents=True, exist_ok=True)
+    synthetic_ct(inputs / f"ct{slices}_0000.nii.gz", slices)
+    return model, inputs
+
+
+def run_one(args: argparse.Namespace) -> None:
+    """Child process: one configuration, one case; prints a JSON line with its figures."""
+    from flarebox import io
+    from flarebox.config import from_dict
+    from flarebox.pipeline import Predictor, Timings
+
+    t0 = time.perf_counter()
+    config = from_dict({"model": {"folder": args.model},
+                        "inference": {"backend": args.backend, "precision": args.precision},
+                        "export": {"mode": args.export_mode}}, Path.cwd())
+    predictor = Predictor.from_config(config)
+    network_seconds = 0.0
+    predict = predictor.backend.predict
+
+    def timed(tile: np.ndarray) -> np.ndarray:
+        nonlocal network_seconds
+        start = time.perf_counter()
+        out = predict(tile)
+        network_seconds += time.perf_counter() - start
+        return out
+
+    predictor.backend.predict = timed
+    load = time.perf_counter() - t0
+    (case,) = io.discover(Path(args.inputs))[0]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = Timings(stages={"load model": load})
+    timings.stages.update(predictor.predict_case(case, out_dir).stages)
+    print(json.dumps({"stages": timings.stages, "network": network_seconds,
+                      "tiles": predictor.tiles_for(io.read_case(case))}))
+
+
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Run a command; returns wall seconds from start to exit, peak RSS in GB and stdout.
+
+    Peak RSS is the larger of the process's own peak (wait4) and the peak of its whole process
+    tree's summed RSS sampled every 20 ms (nnU-Net's predictor forks worker processes)."""
+    import psutil
+
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env)
+        peak_tree, stop = 0, threading.Event()
+
+        def sample() -> None:
+            nonlocal peak_tree
+            root = psutil.Process(proc.pid)
+            while not stop.wait(0.02):
+                try:
+                    members = [root, *root.children(recursive=True)]
+                    peak_tree = max(peak_tree, sum(m.memory_info().rss for m in members))
+                except psutil.Error:
+                    pass
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read().decode()[-3000:]}")
+    return wall, max(usage.ru_maxrss * 1024, peak_tree) / 1024**3, out.decode()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--workdir", default=str(ROOT / ".bench"))
+    parser.add_argument("--configs", nargs="+", default=[f"{b}:{p}" for b, p in CONFIGS])
+    parser.add_argument("--export-mode", default="labels", choices=("labels", "logits"))
+    parser.add_argument("--nnunet", action="store_true", help="also time nnUNetv2 predict from .venv-nnunet")
+    parser.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_one:
+        run_one(args)
+        return
+
+    workdir = Path(args.workdir)
+    model, inputs = prepare(workdir, args.slices)
+    print(f"case: synthetic CT 512x512x{args.slices} at 0.8x0.8x2.5 mm; model: Task 2 PlainConvUNet "
+          f"(random weights); {os.cpu_count()} CPU threads; export mode {args.export_mode}\n", flush=True)
+    rows = []
+    for spec in args.configs:
+        backend, precision = spec.split(":")
+        cmd = [sys.executable, "-m", "tests.bench.task2", "--run-one", "--backend", backend, "--precision", precision,
+               "--model", str(model), "--inputs", str(inputs), "--out", str(workdir / f"out_{backend}_{precision}"),
+               "--export-mode", args.export_mode]
+        wall, rss_gb, out = measure(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        result = json.loads(out.strip().splitlines()[-1])
+        rows.append((f"{backend} {precision}", wall, result, rss_gb))
+        print_row(*rows[-1])
+    if args.nnunet:
+        bench_nnunet(workdir, model, inputs)
+
+
+def print_row(name: str, wall: float, result: dict, rss_gb: float) -> None:
+    stages = " ".join(f"{k} {v:.2f}" for k, v in result["stages"].items())
+    print(f"{name:14s} whole process {wall:6.2f}s | {stages} | network {result['network']:.2f}s "
+          f"({result['tiles']} tiles) | whole/network {wall / result['network']:.2f} | peak RSS {rss_gb:.2f} GB",
+          flush=True)
+
+
+def bench_nnunet(workdir: Path, model: Path, inputs: Path) -> None:
+    python = ROOT / ".venv-nnunet" / "bin" / "python"
+    script = ROOT / "tests" / "reference" / "nnunet_logits.py"
+    (case,) = sorted(inputs.glob("*_0000.nii.gz"))
+    cmd = [str(python), str(script), "--model-dir", str(model), "--fold", "0", "--predict-file", str(case),
+           "--out", str(workdir / "nnunet_out.nii.gz")]
+    wall, rss_gb, _ = measure(cmd)
+    print(f"{'nnUNetv2 cpu':14s} whole process {wall:6.2f}s | peak RSS {rss_gb:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny nnU-Net model folders with random weights, converted to OpenVINO once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flarebox.models import load_plan
+
+from tests import nnunet_fixtures
+from tests.images import ct_like, write_image
+
+REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "ts_ct_sm_0000.nii.gz"
+REAL_LABELS = REAL_CT.with_name("ts_ct_sm.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny PlainConvUNet (14 classes, CT normalisation) as nnU-Net writes it, plus its f32/INT8 IR."""
+    from flarebox.convert import convert_model
+
+    folder = nnunet_fixtures.make_trained_model_folder(tmp_path_factory.mktemp("models") / "tiny",
+                                                       **nnunet_fixtures.TINY_PLAIN)
+    calib = tmp_path_factory.mktemp("calib")
+    images = [write_image(calib / f"c{i}_0000.nii.gz", ct_like((24, 48, 40), seed=i), spacing_xyz=(2, 2, 3))
+              for i in range(2)]
+    convert_model(folder, calibration_images=images, tiles_per_image=2)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_plan(tiny_model_dir):
+    return load_plan(tiny_model_dir)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,131 @@
+"""pipeline + cli: geometry of outputs for every kind of input, bad inputs, exit status."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from flarebox.config import from_dict
+from flarebox.pipeline import Predictor, run_folder
+
+from tests.images import LPS, RAS, ct_like, oblique, write_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model_dir):
+    config = from_dict({"model": {"folder": str(tiny_model_dir)}, "inference": {"precision": "f32"}}, Path.cwd())
+    return Predictor.from_config(config)
+
+
+GEOMETRIES = {
+    "ras": dict(direction=RAS, spacing_xyz=(0.8, 0.8, 2.5), origin=(10.5, -20.25, 30)),
+    "lps": dict(direction=LPS, spacing_xyz=(1.0, 1.0, 1.0), origin=(0, 0, 0)),
+    "oblique": dict(direction=oblique(), spacing_xyz=(0.9, 1.1, 3.0), origin=(-5, 7, 2)),
+    "anisotropic": dict(direction=LPS, spacing_xyz=(0.6, 0.75, 5.0), origin=(1, 2, 3)),
+}
+DTYPES = [np.int16, np.int32, np.float32, np.float64]
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_output_has_the_input_geometry(predictor, tmp_path, geometry, dtype):
+    shape = (13, 37, 29)  # odd sizes on purpose
+    image = ct_like(shape, seed=3).astype(dtype)
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    src = write_image(in_dir / "case_0000.nii.gz", image, **GEOMETRIES[geometry])
+    before = src.read_bytes()
+    assert run_folder(predictor, in_dir, out_dir) == 0
+    assert sorted(os.listdir(out_dir)) == ["case.nii.gz"]
+    assert src.read_bytes() == before  # inputs are never written to
+    ref, out = sitk.ReadImage(str(src)), sitk.ReadImage(str(out_dir / "case.nii.gz"))
+    assert out.GetSize() == ref.GetSize()
+    assert out.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_allclose(out.GetSpacing(), ref.GetSpacing(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out.GetDirection(), ref.GetDirection(), rtol=0, atol=1e-6)
+    labels = sitk.GetArrayFromImage(out)
+    assert labels.max() < 14
+
+
+def make_bad_folder(folder: Path) -> None:
+    folder.mkdir()
+    good = write_image(folder / "good_0000.nii.gz", ct_like((12, 40, 36)), spacing_xyz=(2, 2, 3))
+    data = good.read_bytes()
+    (folder / "corrupt_0000.nii.gz").write_bytes(data[:200] + bytes(b ^ 0x5A for b in data[200:400]) + data[400:])
+    (folder / "truncated_0000.nii.gz").write_bytes(data[: len(data) // 2])
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 30), np.int16)), str(folder / "flat_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 8, 8, 8), np.int16), isVector=False),
+                    str(folder / "fourd_0000.nii.gz"))
+    nan = ct_like((12, 40, 36)).astype(np.float32)
+    nan[5, 5, 5] = np.nan
+    write_image(folder / "nan_0000.nii.gz", nan)
+    (folder / "notes_0000.nii.gz").write_text("a text file with the right name")
+    (folder / "readme.txt").write_text("not an image")
+
+
+def test_bad_inputs_one_line_each_good_case_written(predictor, tmp_path, caplog):
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    make_bad_folder(in_dir)
+    caplog.set_level("INFO", logger="flarebox")
+    failures = run_folder(predictor, in_dir, out_dir)
+    assert failures == 7
+    assert os.listdir(out_dir) == ["good.nii.gz"]  # nothing half-written, no temporary files
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 7 and all("\n" not in e for e in errors)
+    named = {e.split(":")[0] for e in errors}
+    assert named == {"corrupt_0000.nii.gz", "truncated_0000.nii.gz", "flat_0000.nii.gz", "fourd_0000.nii.gz",
+                     "nan_0000.nii.gz", "notes_0000.nii.gz", "readme.txt"}
+
+
+def test_cli_exit_status_and_progress_lines(tiny_model_dir, tmp_path):
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    make_bad_folder(in_dir)
+    result = subprocess.run(
+        [sys.executable, "-m", "flarebox", "predict", "-i", str(in_dir), "-o", str(out_dir),
+         "--model", str(tiny_model_dir), "--precision", "int8"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    progress = [line for line in lines if line.startswith("[1/")]
+    assert len(progress) == 1 and "good:" in progress[0]
+    for stage in ("read", "preprocess", "infer", "export", "write", "total"):
+        assert f"{stage} " in progress[0]
+    assert "1 case(s) written, 7 failed" in lines[-1]
+    assert os.listdir(out_dir) == ["good.nii.gz"]
+
+
+def test_cli_bad_config_fails_at_start(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[inference]\nprecision = "int4"\n')
+    result = subprocess.run([sys.executable, "-m", "flarebox", "predict", "-i", str(tmp_path), "-o",
+                             str(tmp_path / "o"), "-c", str(config)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "[inference] precision" in result.stderr and "\n" not in result.stderr.strip()
+
+
+def test_task2_predict_sh_runs_with_make(tiny_model_dir, tmp_path):
+    """`make predict` runs the task's own predict.sh (dash) on a copy of the task folder."""
+    task = tmp_path / "task2_cpu_organs"
+    shutil.copytree(ROOT / "task2_cpu_organs", task, ignore=shutil.ignore_patterns("weights"))
+    (task / "weights").mkdir()
+    shutil.copytree(tiny_model_dir, task / "weights" / "model")
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    write_image(in_dir / "x_0000.nii.gz", ct_like((12, 40, 36)), spacing_xyz=(2, 2, 3))
+    env = {**os.environ, "INPUT_DIR": str(in_dir), "OUTPUT_DIR": str(tmp_path / "out"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["dash" if shutil.which("dash") else "sh", str(task / "predict.sh")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert os.listdir(tmp_path / "out") == ["x.nii.gz"]
+    assert "openvino int8" in result.stdout

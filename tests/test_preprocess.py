@@ -1,0 +1,87 @@
+"""preprocess: transpose, crop to nonzero, normalisation formulas, target shape, forced spacing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flarebox.models import Normalization
+from flarebox.preprocess import (
+    forced_spacing,
+    nonzero_bbox,
+    normalize,
+    preprocess,
+    target_shape,
+)
+from flarebox.resample import resize_linear, resize_nearest
+
+
+def test_ct_normalisation_clips_then_standardises():
+    data = np.array([-2000, -958, 0, 270, 3000], np.float32)
+    out = normalize(data.copy(), Normalization("CTNormalization", -97.3, 137.8, -958.0, 270.0))
+    np.testing.assert_allclose(out, (np.clip(data, -958, 270) + 97.3) / 137.8, rtol=1e-6)
+
+
+def test_zscore_with_and_without_mask():
+    rng = np.random.default_rng(0)
+    data = rng.normal(5, 3, size=(10, 10, 10)).astype(np.float32)
+    out = normalize(data.copy(), Normalization("ZScoreNormalization"))
+    assert abs(out.mean()) < 1e-5 and out.std() == pytest.approx(1, rel=1e-4)
+    mask = np.zeros(data.shape, bool)
+    mask[2:8, 2:8, 2:8] = True
+    out = normalize(data.copy(), Normalization("ZScoreNormalization"), mask)
+    assert out[~mask].max() == 0 and abs(out[mask].mean()) < 1e-5
+
+
+def test_nonzero_bbox_ignores_holes_and_handles_empty():
+    data = np.zeros((1, 10, 12, 14), np.float32)
+    data[0, 2:7, 3:9, 4:10] = 1
+    data[0, 4, 5, 6] = 0  # a hole changes no bounding box
+    assert nonzero_bbox(data) == ((2, 7), (3, 9), (4, 10))
+    assert nonzero_bbox(np.zeros((1, 3, 4, 5))) == ((0, 3), (0, 4), (0, 5))
+
+
+def test_target_shape_rounds_like_nnunet():
+    assert target_shape((300, 512, 512), (2.5, 0.8, 0.8), (2.5, 2.5, 2.5)) == (300, 164, 164)
+    assert target_shape((31, 101, 122), (3.0, 3.0, 3.0), (1.0, 0.8, 0.8)) == (93, 379, 458)
+
+
+def test_forced_spacing_rule_by_slice_count():
+    default = (2.5, 0.8, 0.8)
+    assert forced_spacing((1.25, 0.7, 0.7), default, 100) == (1.25, 0.8, 0.8)
+    assert forced_spacing((1.25, 0.7, 0.7), default, 400) == default
+    assert forced_spacing((1.0, 0.7, 0.7), default, 1000) == pytest.approx((0.8 * 2.5, 0.8, 0.8))
+    assert forced_spacing((1.0, 0.7, 0.7), default, 700) == pytest.approx((600 / 700 * 2.5, 0.8, 0.8))
+
+
+@pytest.mark.parametrize("engine", ["torch", "scipy"])
+def test_linear_resize_engines_agree_and_keep_constants(engine):
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(2, 9, 17, 13)).astype(np.float32)
+    out = resize_linear(data, (5, 31, 8), engine=engine)
+    ref = resize_linear(data, (5, 31, 8), engine="torch")
+    assert out.shape == (2, 5, 31, 8) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+    np.testing.assert_allclose(resize_linear(np.full((4, 4, 4), 3.0), (7, 2, 9), engine=engine), 3.0, atol=1e-6)
+
+
+def test_nearest_resize_round_trip():
+    labels = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
+    up = resize_nearest(labels, (8, 15, 12))
+    assert up.shape == (8, 15, 12)
+    np.testing.assert_array_equal(up[::2, 1::3, ::2], labels)
+
+
+def test_preprocess_end_to_end(tiny_plan):
+    plan = dataclasses.replace(tiny_plan, transpose_forward=(2, 1, 0), transpose_backward=(2, 1, 0),
+                               spacing_zyx_mm=(2.0, 2.0, 4.0))
+    image = np.zeros((10, 20, 30), np.float32)  # z, y, x at (4, 2, 1) mm
+    image[2:8, 5:15, 3:27] = 100
+    pre = preprocess(image, (4.0, 2.0, 1.0), plan)
+    # transposed to (x, y, z) with spacing (1, 2, 4); cropped to 24 x 10 x 6; resampled to (2, 2, 4) mm
+    assert pre.bbox == ((3, 27), (5, 15), (2, 8))
+    assert pre.data.shape == (1, 12, 10, 6)
+    norm = plan.normalizations[0]
+    expected = (np.clip(100, norm.clip_low, norm.clip_high) - norm.mean) / norm.std
+    np.testing.assert_allclose(pre.data, expected, rtol=1e-5)

@@ -1,0 +1,77 @@
+"""sliding_window: nnU-Net tile placement, Gaussian weights, padding, stitching, mirroring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flarebox.sliding_window import (
+    gaussian_importance,
+    pad_to_patch,
+    predict_logits,
+    tile_starts,
+)
+
+
+class LinearBackend:
+    """A 'network' whose logits are known: channel k = (k + 1) * input + k. Stitching must reproduce it."""
+
+    def __init__(self, patch, num_classes=3):
+        self.patch_zyx, self.num_classes, self.calls = tuple(patch), num_classes, 0
+
+    def predict(self, tile):
+        self.calls += 1
+        assert tile.shape[2:] == self.patch_zyx and tile.dtype == np.float32
+        return np.concatenate([(k + 1) * tile + k for k in range(self.num_classes)], axis=1)
+
+
+def test_tile_starts_match_nnunet_placement():
+    # image 110, patch 64, step 0.5: nnU-Net's own docstring example gives 0, 23, 46
+    assert tile_starts((110, 64, 200), (64, 64, 64), 0.5) == [[0, 23, 46], [0], [0, 27, 54, 82, 109, 136]]
+    assert tile_starts((64, 65, 40), (64, 64, 40), 1.0) == [[0], [0, 1], [0]]
+    with pytest.raises(ValueError):
+        tile_starts((10, 10, 10), (20, 10, 10), 0.5)
+
+
+def test_gaussian_peaks_at_centre_and_has_no_zeros():
+    g = gaussian_importance((9, 16, 12))
+    assert g.shape == (9, 16, 12) and g.dtype == np.float32
+    assert g.max() == pytest.approx(1.0) and g[4, 8, 6] == g.max()
+    assert g.min() > 0
+    # sigma = patch / 8: one sigma from the centre along x the weight is exp(-1/2) of the peak
+    big = gaussian_importance((64, 64, 64))
+    assert big[32, 32, 40] / big[32, 32, 32] == pytest.approx(np.exp(-0.5), rel=0.02)
+
+
+def test_pad_to_patch_splits_padding_and_undoes_it():
+    data = np.ones((1, 5, 20, 7), np.float32)
+    padded, undo = pad_to_patch(data, (8, 16, 10))
+    assert padded.shape == (1, 8, 20, 10)
+    assert padded[0, :1].sum() == 0 and padded[0, 6:].sum() == 0  # 3 voxels: 1 before, 2 after
+    np.testing.assert_array_equal(padded[undo], data)
+
+
+@pytest.mark.parametrize("shape", [(1, 30, 50, 41), (1, 7, 13, 9), (1, 16, 16, 16)])
+def test_stitched_logits_equal_the_pointwise_function(shape):
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=shape).astype(np.float32)
+    backend = LinearBackend((16, 16, 16))
+    logits = predict_logits(data, backend, step_size=0.5)
+    expected = np.concatenate([(k + 1) * data + k for k in range(3)])
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mirroring_averages_eight_flips_and_on_tile_reports_progress():
+    data = np.random.default_rng(1).normal(size=(1, 16, 16, 16)).astype(np.float32)
+    backend = LinearBackend((16, 16, 16), num_classes=2)
+    seen = []
+    logits = predict_logits(data, backend, mirroring=True, on_tile=lambda done, total: seen.append((done, total)))
+    assert backend.calls == 8 and seen == [(1, 1)]
+    np.testing.assert_allclose(logits[1], 2 * data[0] + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_float16_accumulation_stays_close():
+    data = np.random.default_rng(2).normal(size=(1, 20, 40, 40)).astype(np.float32)
+    backend = LinearBackend((16, 24, 24))
+    full = predict_logits(data, backend)
+    half = predict_logits(data, backend, accumulate_dtype=np.float16)
+    assert np.abs(full - half).max() <= 0.01 * np.abs(full).max()
