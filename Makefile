@@ -47,3 +47,64 @@ bench: venv nnunet-env
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
+
+# ---- Docker images -------------------------------------------------------------------------
+# Images build offline (--network none) from a pinned wheelhouse made on the host. Where no
+# registry is reachable the base image is made locally with debootstrap (flarebox-base:bookworm).
+TEAM ?= flarebox
+TASKS := task1_pancancer task2_cpu_organs task3_mri_transfer
+REGISTRY_BASE := python:3.11-slim-bookworm
+LOCAL_BASE := flarebox-base:bookworm
+BASE_IMAGE ?= $(shell docker image inspect $(REGISTRY_BASE) >/dev/null 2>&1 && echo $(REGISTRY_BASE) || echo $(LOCAL_BASE))
+TORCH_SPEC ?= torch==2.13.0
+IMAGE = $(TEAM)-$(subst _,-,$(TASK)):latest
+WHEEL_SET = $(if $(filter task2_cpu_organs,$(TASK)),cpu,gpu)
+GPU_FLAG = $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo '--gpus="device=0"')
+MEMORY = $(if $(filter task2_cpu_organs,$(TASK)),8G,28G)
+
+.PHONY: engine base-image wheelhouse build build-all run save-all
+
+engine:
+	@docker info >/dev/null 2>&1 || { \
+	  command -v dockerd >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io; }; \
+	  (dockerd --bridge=none --iptables=false --ip-masq=false >/tmp/dockerd.log 2>&1 &); \
+	  for i in $$(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; \
+	  docker info >/dev/null 2>&1 || { echo "no Docker engine: see /tmp/dockerd.log"; exit 1; }; }
+
+base-image: engine
+	@docker image inspect $(BASE_IMAGE) >/dev/null 2>&1 || { \
+	  test "$(BASE_IMAGE)" = "$(LOCAL_BASE)" || { echo "base image $(BASE_IMAGE) missing"; exit 1; }; \
+	  command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap; }; \
+	  rootfs=$$(mktemp -d) && \
+	  debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm $$rootfs \
+	    http://deb.debian.org/debian >/tmp/debootstrap.log 2>&1 && \
+	  tar -C $$rootfs -c . | docker import - $(LOCAL_BASE) && rm -rf $$rootfs; }
+
+wheelhouse: .wheelhouse/cpu/.done .wheelhouse/gpu/.done
+.wheelhouse/%/.done: common/constraints.txt common/requirements/%.txt $(shell find common/src -name '*.py') common/pyproject.toml | venv
+	rm -rf .wheelhouse/$* && mkdir -p .wheelhouse/$*
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -c common/constraints.txt \
+	  -r common/requirements/$*.txt $(if $(filter gpu,$*),$(TORCH_SPEC)) -d .wheelhouse/$*
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation ./common -w .wheelhouse/$*
+	touch $@
+
+build: base-image wheelhouse
+	@df -P . | awk 'NR==2 && $$4 < 4*1024*1024 {print "less than 4 GB of free disk: not building"; exit 1}'
+	docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) -f $(TASK)/Dockerfile -t $(IMAGE) .
+	@docker image inspect $(IMAGE) --format '$(IMAGE): {{.Size}} bytes' | awk '{printf "%s %.0f MB\n", $$1, $$2/1e6}'
+
+build-all:
+	for t in $(TASKS); do $(MAKE) build TASK=$$t || exit 1; done
+
+# The organisers' command, exactly (GPU only where one exists).
+run: engine
+	mkdir -p "$(OUT)"
+	docker container run --shm-size=28gb -m $(MEMORY) $(GPU_FLAG) --name $(TEAM) --rm \
+	  -v $(abspath $(IN))/:/workspace/inputs/ -v $(abspath $(OUT))/:/workspace/outputs/ \
+	  $(IMAGE) /bin/bash -c "sh predict.sh"
+
+save-all:
+	for t in $(TASKS); do \
+	  img=$(TEAM)-$$(echo $$t | tr _ -):latest; mkdir -p dist/$$t; \
+	  docker tag $$img $(TEAM):latest && docker save $(TEAM):latest | gzip -1 > dist/$$t/$(TEAM).tar.gz || exit 1; \
+	  ls -la dist/$$t/$(TEAM).tar.gz; done

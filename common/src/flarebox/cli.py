@@ -49,6 +49,21 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _warmup(args: argparse.Namespace) -> int:
+    """Build the predictor once (compiling OpenVINO models into the configured cache) and run one tile."""
+    import numpy as np
+
+    from flarebox.config import load_config
+    from flarebox.pipeline import Predictor
+
+    start = time.perf_counter()
+    predictor = Predictor.from_config(load_config(args.config))
+    tile = np.zeros((1, predictor.plan.num_input_channels, *predictor.plan.patch_zyx), np.float32)
+    predictor.backend.predict(tile)
+    logging.getLogger("flarebox").info("warm-up done in %.2fs", time.perf_counter() - start)
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from flarebox.convert import convert_model
 
@@ -79,6 +94,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="inference threads (0 = all)")
     p.add_argument("--export-mode", choices=("labels", "logits"), help="how to return to the input grid")
     p.set_defaults(run=_predict)
+
+    w = sub.add_parser("warmup", help="compile the configured model (fills the OpenVINO cache) and run one tile")
+    w.add_argument("-c", "--config", required=True)
+    w.set_defaults(run=_warmup)
 
     c = sub.add_parser("convert", help="convert a model folder to OpenVINO IR (optionally INT8)")
     c.add_argument("model", help="model folder")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ class OpenVINOBackend:
                 raise ConfigError(f"{path}: missing; run `flarebox convert` (with --int8 for int8)")
         verify_manifest(plan, paths)
         core = ov.Core()
-        if cache_dir is not None:
+        if cache_dir is not None and (cache_dir.is_dir() or os.access(cache_dir.parent, os.W_OK)):
+            # The image compiles into this cache at build time; at run time it is only read.
             core.set_property({"CACHE_DIR": str(cache_dir)})
         config: dict[str, object] = {
             "PERFORMANCE_HINT": "LATENCY",
@@ -59,7 +61,17 @@ class OpenVINOBackend:
         }
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
-        self._requests = [core.compile_model(str(p), "CPU", config).create_infer_request() for p in paths]
+        self._requests = [self._compile(core, p, config).create_infer_request() for p in paths]
+
+    @staticmethod
+    def _compile(core: ov.Core, path: Path, config: dict[str, object]) -> ov.CompiledModel:
+        try:
+            return core.compile_model(str(path), "CPU", config)
+        except RuntimeError:
+            # A cache made on another CPU cannot be rewritten on a read-only file system: compile
+            # without it rather than fail the case.
+            core.set_property({"CACHE_DIR": ""})
+            return core.compile_model(str(path), "CPU", config)
 
     def predict(self, tile: np.ndarray) -> np.ndarray:
         # infer() hands back a fresh array per call, so one fold needs no further copy.

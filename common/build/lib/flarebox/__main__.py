@@ -1,0 +1,3 @@
+from flarebox.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""Torch runtime for nnU-Net checkpoints: CPU, or CUDA with fp16 autocast (as nnU-Net predicts)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from flarebox.models import ModelPlan, load_network
+
+
+class TorchBackend:
+    def __init__(
+        self,
+        plan: ModelPlan,
+        *,
+        device: str = "cpu",
+        precision: str = "f32",
+        folds: tuple[int, ...] = (0,),
+        checkpoint: str = "checkpoint_final.pth",
+        threads: int = 0,
+    ) -> None:
+        self.patch_zyx = plan.patch_zyx
+        self.num_classes = plan.num_classes
+        self.device = torch.device(device)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.precision = precision
+        self.networks = [load_network(plan, fold, checkpoint).to(self.device) for fold in folds]
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def _autocast(self):
+        if self.precision == "f32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def predict_tensor(self, tile: torch.Tensor) -> torch.Tensor:
+        """(1, c, *patch) on any device -> (1, k, *patch) float32 logits on the backend's device."""
+        x = tile.to(self.device, dtype=torch.float32, non_blocking=True)
+        with self._autocast():
+            total = None
+            for network in self.networks:
+                out = network(x).float()
+                total = out if total is None else total + out
+        return total / len(self.networks)
+
+    def predict(self, tile: np.ndarray) -> np.ndarray:
+        return self.predict_tensor(torch.from_numpy(tile)).cpu().numpy()

@@ -1,0 +1,119 @@
+"""Command line: `flarebox predict -i IN -o OUT -c task/config.toml` and `flarebox convert MODEL`.
+
+The Python API mirrors it: `Predictor.from_config(load_config(...))` and `convert_model(...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from flarebox.errors import ConfigError
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from flarebox.config import from_dict, load_config
+    from flarebox.pipeline import Predictor, run_folder
+
+    overrides = {
+        "model.folder": args.model,
+        "model.folds": args.folds,
+        "inference.backend": args.backend,
+        "inference.device": args.device,
+        "inference.precision": args.precision,
+        "inference.step_size": args.step_size,
+        "inference.mirroring": args.mirroring,
+        "inference.threads": args.threads,
+        "export.mode": args.export_mode,
+    }
+    if args.config:
+        config = load_config(args.config, **overrides)
+    else:
+        raw: dict = {}
+        for dotted, value in overrides.items():
+            if value is not None:
+                section, key = dotted.split(".")
+                raw.setdefault(section, {})[key] = str(Path(value).resolve()) if key == "folder" else value
+        config = from_dict(raw, Path.cwd())
+    start = time.perf_counter()
+    predictor = Predictor.from_config(config)
+    log = logging.getLogger("flarebox")
+    inf = config.inference
+    log.info("%s: model %s folds %s, %s %s on %s, step %.2f, export %s, ready in %.2fs", config.name,
+             config.model.folder, list(config.model.folds), inf.backend, inf.precision, inf.device,
+             inf.step_size, config.export.mode, time.perf_counter() - start)
+    failures = run_folder(predictor, Path(args.input), Path(args.output))
+    return 1 if failures else 0
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    """Build the predictor once (compiling OpenVINO models into the configured cache) and run one tile."""
+    import numpy as np
+
+    from flarebox.config import load_config
+    from flarebox.pipeline import Predictor
+
+    start = time.perf_counter()
+    predictor = Predictor.from_config(load_config(args.config))
+    tile = np.zeros((1, predictor.plan.num_input_channels, *predictor.plan.patch_zyx), np.float32)
+    predictor.backend.predict(tile)
+    logging.getLogger("flarebox").info("warm-up done in %.2fs", time.perf_counter() - start)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from flarebox.convert import convert_model
+
+    images = [Path(p) for p in args.calibration]
+    if args.calibration_dir:
+        images += sorted(Path(args.calibration_dir).glob("*.nii.gz"))
+    manifest = convert_model(args.model, folds=tuple(args.folds) if args.folds else None,
+                             calibration_images=images, tiles_per_image=args.tiles_per_image)
+    logging.getLogger("flarebox").info("wrote %s", manifest)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="flarebox", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="segment every <case>_0000.nii.gz of a folder")
+    p.add_argument("-i", "--input", required=True, help="folder of <case>_0000.nii.gz files")
+    p.add_argument("-o", "--output", required=True, help="folder for <case>.nii.gz labels")
+    p.add_argument("-c", "--config", help="task config.toml (defaults for everything below)")
+    p.add_argument("--model", help="model folder (nnU-Net trained-model layout)")
+    p.add_argument("--folds", type=int, nargs="+", help="folds to ensemble")
+    p.add_argument("--backend", choices=("openvino", "torch"))
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--precision", choices=("f32", "bf16", "int8", "fp16"))
+    p.add_argument("--step-size", type=float, help="tile step as a fraction of the patch")
+    p.add_argument("--mirroring", action="store_true", default=None, help="test-time mirroring (8x slower)")
+    p.add_argument("--threads", type=int, help="inference threads (0 = all)")
+    p.add_argument("--export-mode", choices=("labels", "logits"), help="how to return to the input grid")
+    p.set_defaults(run=_predict)
+
+    w = sub.add_parser("warmup", help="compile the configured model (fills the OpenVINO cache) and run one tile")
+    w.add_argument("-c", "--config", required=True)
+    w.set_defaults(run=_warmup)
+
+    c = sub.add_parser("convert", help="convert a model folder to OpenVINO IR (optionally INT8)")
+    c.add_argument("model", help="model folder")
+    c.add_argument("--folds", type=int, nargs="+")
+    c.add_argument("--calibration", nargs="*", default=[], help="images (_0000.nii.gz) for INT8 calibration")
+    c.add_argument("--calibration-dir", help="a folder of calibration images")
+    c.add_argument("--tiles-per-image", type=int, default=4)
+    c.set_defaults(run=_convert)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"flarebox: {exc}", file=sys.stderr)
+        return 2

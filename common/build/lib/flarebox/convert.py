@@ -1,0 +1,86 @@
+"""Convert a model folder's torch checkpoints to OpenVINO IR (fixed input shape = the patch).
+
+Writes `openvino/fold_<k>_f32.xml/.bin` (f32 weights; bf16 is chosen at compile time) and, with
+INT8, `openvino/fold_<k>_int8.xml/.bin` quantised by NNCF post-training quantisation, calibrated on
+patches drawn from given images after the model's own preprocessing. `openvino/manifest.json`
+records the sha256 of every file, which the OpenVINO backend checks before it runs an IR. After
+conversion the model needs no torch at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from flarebox import io
+from flarebox.models import ModelPlan, load_network, load_plan, sha256
+from flarebox.preprocess import preprocess
+from flarebox.sliding_window import pad_to_patch, tile_starts
+
+log = logging.getLogger("flarebox")
+
+
+def calibration_tiles(
+    plan: ModelPlan, images: Iterable[Path], tiles_per_image: int = 4, seed: int = 0
+) -> list[np.ndarray]:
+    """Patches of preprocessed images at sliding-window positions, the inputs INT8 will see."""
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for path in images:
+        volume = io.read_image(Path(path))[1]
+        data = preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, plan, resampler="auto").data
+        data, _ = pad_to_patch(data, plan.patch_zyx)
+        starts = [np.array(s) for s in tile_starts(data.shape[1:], plan.patch_zyx, 0.5)]
+        for _ in range(tiles_per_image):
+            corner = [int(rng.choice(s)) for s in starts]
+            region = tuple(slice(c, c + p) for c, p in zip(corner, plan.patch_zyx, strict=True))
+            tiles.append(np.ascontiguousarray(data[(slice(None), *region)])[None])
+    return tiles
+
+
+def convert_model(
+    folder: str | Path,
+    *,
+    configuration: str = "3d_fullres",
+    folds: tuple[int, ...] | None = None,
+    checkpoint: str = "checkpoint_final.pth",
+    calibration_images: Iterable[Path] = (),
+    tiles_per_image: int = 4,
+) -> Path:
+    """Write the IR files (and INT8 ones when calibration images are given); returns the manifest path."""
+    import openvino as ov
+    import torch
+
+    plan = load_plan(folder, configuration)
+    folds = folds if folds is not None else plan.folds
+    out_dir = plan.folder / "openvino"
+    out_dir.mkdir(exist_ok=True)
+    calibration_images = list(calibration_images)
+    tiles = calibration_tiles(plan, calibration_images, tiles_per_image) if calibration_images else []
+    shape = (1, plan.num_input_channels, *plan.patch_zyx)
+    manifest_path = out_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
+    for fold in folds:
+        network = load_network(plan, fold, checkpoint)
+        with torch.no_grad():
+            model = ov.convert_model(network, example_input=torch.zeros(shape), input=[shape])
+        written = [out_dir / f"fold_{fold}_f32.xml"]
+        ov.save_model(model, written[0], compress_to_fp16=False)
+        if tiles:
+            import nncf
+
+            quantized = nncf.quantize(model, nncf.Dataset(tiles), subset_size=len(tiles))
+            written.append(out_dir / f"fold_{fold}_int8.xml")
+            ov.save_model(quantized, written[1], compress_to_fp16=False)
+        for xml in written:
+            for part in (xml, xml.with_suffix(".bin")):
+                manifest["files"][part.name] = sha256(part)
+        log.info("fold %d: wrote %s", fold, ", ".join(p.name for p in written))
+    manifest["input_shape"] = list(shape)
+    manifest["openvino"] = ov.__version__
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest_path

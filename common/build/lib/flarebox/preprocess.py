@@ -1,0 +1,124 @@
+"""Preprocess: nnU-Net v2 semantics for one image, ready for sliding-window inference.
+
+In:  a (z, y, x) float32 volume and its spacing. Out: a (c, z, y, x) float32 array at the model's
+spacing plus what export needs to undo every step. The steps, in nnU-Net's order: transpose axes by
+the plans' `transpose_forward`; crop to the bounding box of nonzero voxels; normalise (CT: clip to
+the foreground percentiles, subtract mean, divide std; or z-score); resample to the target spacing
+(new shape = round(old spacing / new spacing * shape)). The 3D-CPS forced-spacing rule (FLARE 2022)
+is an option that changes the target spacing by slice count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from flarebox.models import ModelPlan, Normalization
+from flarebox.resample import resize_linear
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    data: np.ndarray  # (c, z, y, x) float32 at target spacing, transposed axes
+    shape_original_zyx: tuple[int, int, int]  # before transpose
+    shape_before_crop: tuple[int, int, int]  # after transpose
+    bbox: tuple[tuple[int, int], ...]  # crop box in transposed axes, [start, stop)
+    spacing_zyx_mm: tuple[float, float, float]  # target spacing used
+    transpose_backward: tuple[int, int, int]
+
+
+def forced_spacing(
+    spacing_zyx_mm: tuple[float, float, float], default_zyx_mm: tuple[float, float, float], n_slices: int
+) -> tuple[float, float, float]:
+    """3D-CPS rule: keep thin-slice stacks' z for short scans, coarsen z for very long ones."""
+    z, y, x = default_zyx_mm
+    if n_slices < 150:
+        return (spacing_zyx_mm[0], y, x)
+    if n_slices <= 600:
+        return (z, y, x)
+    return (max(0.8, 600.0 / n_slices) * z, y, x)
+
+
+def nonzero_bbox(data: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Bounding box of voxels that are nonzero in any channel. Filling holes (as nnU-Net does for
+    its mask) never changes a bounding box, so it is skipped here."""
+    mask = np.any(data != 0, axis=0)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(np.any(mask, axis=other))
+        box.append((int(hits[0]), int(hits[-1]) + 1) if hits.size else (0, mask.shape[axis]))
+    return tuple(box)
+
+
+def normalize(data: np.ndarray, norm: Normalization, mask: np.ndarray | None = None) -> np.ndarray:
+    """Normalise one channel in place (float32), nnU-Net's formulas and epsilons."""
+    if norm.scheme == "CTNormalization":
+        np.clip(data, norm.clip_low, norm.clip_high, out=data)
+        data -= np.float32(norm.mean)
+        data /= np.float32(max(norm.std, 1e-8))
+    elif norm.scheme == "ZScoreNormalization":
+        values = data[mask] if mask is not None else data
+        mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+        data -= np.float32(mean)
+        data /= np.float32(max(std, 1e-8))
+        if mask is not None:
+            data[~mask] = 0
+    elif norm.scheme == "RescaleTo01Normalization":
+        low, high = float(data.min()), float(data.max())
+        data -= np.float32(low)
+        data /= np.float32(max(high - low, 1e-8))
+    return data
+
+
+def target_shape(
+    shape_zyx: tuple[int, ...], spacing_zyx_mm: tuple[float, ...], target_zyx_mm: tuple[float, ...]
+) -> tuple[int, int, int]:
+    return tuple(int(round(s / t * n)) for n, s, t in zip(shape_zyx, spacing_zyx_mm, target_zyx_mm, strict=True))
+
+
+def preprocess(
+    image_zyx: np.ndarray,
+    spacing_zyx_mm: tuple[float, float, float],
+    plan: ModelPlan,
+    *,
+    use_forced_spacing: bool = False,
+    resampler: str = "auto",
+) -> Preprocessed:
+    """Transpose, crop, normalise and resample one single-channel image for `plan`'s network.
+
+    image_zyx: float32, modified in place when possible (callers hand over ownership).
+    use_forced_spacing: apply the 3D-CPS slice-count rule to the plan's spacing.
+    resampler: 'auto' (torch when installed), 'torch' or 'scipy'.
+    """
+    if plan.num_input_channels != 1:
+        raise ValueError("only single-channel models are supported")
+    tf = plan.transpose_forward
+    data = np.transpose(image_zyx, tf)[None]
+    spacing = tuple(spacing_zyx_mm[a] for a in tf)
+    shape_before_crop = tuple(data.shape[1:])
+
+    bbox = nonzero_bbox(data)
+    data = data[(slice(None), *(slice(a, b) for a, b in bbox))]
+    data = np.array(data, dtype=np.float32, order="C")  # own a contiguous copy before in-place work
+
+    mask = None
+    if plan.use_mask_for_norm[0]:
+        mask = ndimage.binary_fill_holes(data[0] != 0)
+    normalize(data[0], plan.normalizations[0], mask)
+
+    target = plan.spacing_zyx_mm
+    if use_forced_spacing:
+        target = forced_spacing(spacing, target, image_zyx.shape[0])
+    new_shape = target_shape(data.shape[1:], spacing, target)
+    data = resize_linear(data, new_shape, engine=resampler)
+    return Preprocessed(
+        data=data,
+        shape_original_zyx=tuple(image_zyx.shape),
+        shape_before_crop=shape_before_crop,
+        bbox=bbox,
+        spacing_zyx_mm=target,
+        transpose_backward=plan.transpose_backward,
+    )

@@ -1,0 +1,139 @@
+"""Infer: nnU-Net's sliding-window prediction over a preprocessed (c, z, y, x) array.
+
+Tiles are placed as nnU-Net v2 places them (step = a fraction of the patch, spread evenly so the
+last tile ends at the border), each tile's logits are weighted by a Gaussian importance map
+(sigma = patch / 8) and the weighted sum is divided by the summed weights. Axes smaller than the
+patch are padded with zeros, split evenly before and after. Mirroring (test-time augmentation) is
+off by default, as in the published FLARE entries.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from typing import Protocol
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+
+class Backend(Protocol):
+    """What the sliding window needs from a network runtime."""
+
+    patch_zyx: tuple[int, int, int]
+    num_classes: int
+
+    def predict(self, tile: np.ndarray) -> np.ndarray:
+        """(1, c, *patch) float32 -> (1, k, *patch) float32 logits."""
+        ...
+
+
+def tile_starts(image_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], step_size: float) -> list[list[int]]:
+    """Start index of every tile along each axis (nnU-Net's placement)."""
+    if not 0 < step_size <= 1:
+        raise ValueError(f"step_size must be in (0, 1], got {step_size}")
+    starts = []
+    for size, patch in zip(image_zyx, patch_zyx, strict=True):
+        if size < patch:
+            raise ValueError(f"image axis of {size} is smaller than the patch ({patch}); pad it first")
+        n_steps = int(np.ceil((size - patch) / (patch * step_size))) + 1
+        stride = (size - patch) / (n_steps - 1) if n_steps > 1 else 0.0
+        starts.append([int(np.round(stride * i)) for i in range(n_steps)])
+    return starts
+
+
+# Smallest weight when accumulating in float16: its smallest normal number. Below it products of
+# logits and weights lose their precision (nnU-Net's half-precision accumulator has that error at
+# tile corners); flooring changes the blend only where a tile's weight is negligible anyway.
+FLOAT16_WEIGHT_FLOOR = 2.0**-14
+
+
+@lru_cache(maxsize=4)
+def gaussian_importance(patch_zyx: tuple[int, ...], sigma_scale: float = 1.0 / 8, floor: float = 0.0) -> np.ndarray:
+    """Gaussian weight map peaking at the patch centre (max 1, no zeros: zeros would divide by 0).
+
+    floor: lower bound of the weights (0 = nnU-Net's map, where only exact zeros are replaced)."""
+    impulse = np.zeros(patch_zyx, dtype=np.float64)
+    impulse[tuple(p // 2 for p in patch_zyx)] = 1.0
+    weights = gaussian_filter(impulse, [p * sigma_scale for p in patch_zyx], 0, mode="constant", cval=0)
+    weights /= weights.max()
+    weights[weights == 0] = weights[weights > 0].min()
+    np.maximum(weights, floor, out=weights)
+    weights = weights.astype(np.float32)
+    weights.setflags(write=False)
+    return weights
+
+
+def pad_to_patch(data: np.ndarray, patch_zyx: tuple[int, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Zero-pad spatial axes smaller than the patch, evenly on both sides; return the undo slices."""
+    pads = [(0, 0)]
+    undo = [slice(None)]
+    for size, patch in zip(data.shape[1:], patch_zyx, strict=True):
+        diff = max(patch - size, 0)
+        pads.append((diff // 2, diff - diff // 2))
+        undo.append(slice(diff // 2, diff // 2 + size))
+    if all(p == (0, 0) for p in pads):
+        return data, tuple(undo)
+    return np.pad(data, pads, mode="constant", constant_values=0), tuple(undo)
+
+
+def tiles(shape_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], step_size: float) -> Iterator[tuple[slice, ...]]:
+    for start in itertools.product(*tile_starts(shape_zyx, patch_zyx, step_size)):
+        yield tuple(slice(s, s + p) for s, p in zip(start, patch_zyx, strict=True))
+
+
+def count_tiles(shape_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], step_size: float) -> int:
+    padded = [max(s, p) for s, p in zip(shape_zyx, patch_zyx, strict=True)]
+    return int(np.prod([len(s) for s in tile_starts(tuple(padded), patch_zyx, step_size)]))
+
+
+def _predict_tile(backend: Backend, tile: np.ndarray, mirroring: bool) -> np.ndarray:
+    logits = backend.predict(tile)[0]
+    if not mirroring:
+        return logits
+    total = np.array(logits, dtype=np.float32)
+    flips = [axes for n in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), n)]
+    for axes in flips:
+        flipped = np.ascontiguousarray(np.flip(tile, axes))
+        total += np.flip(backend.predict(flipped)[0], tuple(a - 1 for a in axes))
+    return total / (len(flips) + 1)
+
+
+def predict_logits(
+    data: np.ndarray,
+    backend: Backend,
+    *,
+    step_size: float = 0.5,
+    mirroring: bool = False,
+    accumulate_dtype: type = np.float32,
+    on_tile: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Sliding-window logits of a preprocessed (c, z, y, x) array.
+
+    step_size: tile step as a fraction of the patch (0.5 = nnU-Net default).
+    mirroring: average over the 7 flips of the three axes too (8x the work).
+    accumulate_dtype: float32, or float16 to halve the accumulator's memory (as nnU-Net does).
+    on_tile: called as on_tile(done, total) after each tile, for progress reporting.
+    Returns (k, z, y, x) float32 logits on the unpadded grid.
+    """
+    patch = tuple(backend.patch_zyx)
+    padded, undo = pad_to_patch(np.asarray(data, dtype=np.float32), patch)
+    shape = padded.shape[1:]
+    half = np.dtype(accumulate_dtype) == np.float16
+    weights = gaussian_importance(patch, floor=FLOAT16_WEIGHT_FLOOR if half else 0.0)
+    accumulated = np.zeros((backend.num_classes, *shape), dtype=accumulate_dtype)
+    weight_sum = np.zeros(shape, dtype=np.float32)
+    slicers = list(tiles(shape, patch, step_size))
+    for done, region in enumerate(slicers, start=1):
+        tile = np.ascontiguousarray(padded[(slice(None), *region)])[None]
+        logits = _predict_tile(backend, tile, mirroring)
+        logits *= weights
+        accumulated[(slice(None), *region)] += logits
+        weight_sum[region] += weights
+        if on_tile is not None:
+            on_tile(done, len(slicers))
+    out = accumulated[undo].astype(np.float32, copy=True)
+    del accumulated
+    out /= weight_sum[undo[1:]]
+    return out

@@ -1,0 +1,49 @@
+"""GPU path of the torch backend (tasks 1 and 3): fp16 autocast on CUDA against f32 on the CPU, and
+peak VRAM of the published networks' patches. Skipped where no CUDA device exists (CI has none);
+run on a GPU machine with `pytest -q -s tests/test_gpu.py`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def test_cuda_fp16_matches_cpu_f32(tiny_plan):
+    from flarebox import io
+    from flarebox.backends import load_backend
+    from flarebox.preprocess import preprocess
+    from flarebox.sliding_window import predict_logits
+    from tests.conftest import REAL_CT
+
+    volume = io.read_image(REAL_CT)[1]
+    data = preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, tiny_plan).data
+    cpu = predict_logits(data, load_backend(tiny_plan, backend="torch", device="cpu"))
+    gpu = predict_logits(data, load_backend(tiny_plan, backend="torch", device="cuda", precision="fp16"))
+    worst = np.abs(cpu - gpu).max() / np.abs(cpu).max()
+    agreement = np.mean(cpu.argmax(0) == gpu.argmax(0))
+    print(f"\nCUDA fp16 vs CPU f32: max |diff| = {100 * worst:.3f}% of max |logit|, labels agree {100 * agreement:.3f}%")
+    assert worst <= 0.01 and agreement >= 0.995
+
+
+@pytest.mark.parametrize("preset", ["FLARE_TASK2_PLAIN", "FLARE_TASK3_PLAIN", "FLARE_TASK1_RESENC"])
+def test_published_network_patch_fits_in_4_gb_fp16(tmp_path, preset):
+    from flarebox.backends import load_backend
+    from flarebox.models import load_plan
+    from tests import nnunet_fixtures
+
+    if not hasattr(nnunet_fixtures, preset):
+        pytest.skip(f"no preset {preset}")
+    folder = nnunet_fixtures.make_trained_model_folder(tmp_path / preset, **getattr(nnunet_fixtures, preset))
+    plan = load_plan(folder)
+    torch.cuda.reset_peak_memory_stats()
+    backend = load_backend(plan, backend="torch", device="cuda", precision="fp16")
+    tile = np.random.default_rng(0).normal(size=(1, 1, *plan.patch_zyx)).astype(np.float32)
+    backend.predict(tile)
+    torch.cuda.synchronize()
+    peak_gb = torch.cuda.max_memory_allocated() / 1024**3
+    params = sum(p.numel() for p in backend.networks[0].parameters()) / 1e6
+    print(f"\n{preset}: {params:.2f} M parameters, patch {plan.patch_zyx}, peak allocated {peak_gb:.2f} GB (fp16)")
+    assert peak_gb < 4.0
