@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flarebox.models import load_plan
 
+from flarebox.models import load_plan
 from tests import nnunet_fixtures
 from tests.images import ct_like, write_image
 
@@ -16,12 +16,18 @@ REAL_LABELS = REAL_CT.with_name("ts_ct_sm.nii.gz")
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny PlainConvUNet (14 classes, CT normalisation) as nnU-Net writes it, plus its f32/INT8 IR."""
+def tiny_torch_model_dir(tmp_path_factory) -> Path:
+    """A tiny PlainConvUNet (14 classes, CT normalisation) as nnU-Net writes it."""
+    return nnunet_fixtures.make_trained_model_folder(tmp_path_factory.mktemp("models") / "tiny",
+                                                     **nnunet_fixtures.TINY_PLAIN)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_torch_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its OpenVINO f32 and INT8 IR added."""
     from flarebox.convert import convert_model
 
-    folder = nnunet_fixtures.make_trained_model_folder(tmp_path_factory.mktemp("models") / "tiny",
-                                                       **nnunet_fixtures.TINY_PLAIN)
+    folder = tiny_torch_model_dir
     calib = tmp_path_factory.mktemp("calib")
     images = [write_image(calib / f"c{i}_0000.nii.gz", ct_like((24, 48, 40), seed=i), spacing_xyz=(2, 2, 3))
               for i in range(2)]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from flarebox import io
 from flarebox.backends import load_backend
 from flarebox.errors import ConfigError
 from flarebox.preprocess import preprocess
 from flarebox.sliding_window import predict_logits
-
 from tests.conftest import REAL_CT
 
 

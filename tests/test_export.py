@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 from flarebox.export import to_original_grid
 from flarebox.preprocess import preprocess
 

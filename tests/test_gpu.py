@@ -11,20 +11,22 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-def test_cuda_fp16_matches_cpu_f32(tiny_plan):
+def test_cuda_fp16_matches_cpu_f32(tiny_torch_model_dir):
     from flarebox import io
     from flarebox.backends import load_backend
+    from flarebox.models import load_plan
     from flarebox.preprocess import preprocess
     from flarebox.sliding_window import predict_logits
     from tests.conftest import REAL_CT
 
+    tiny_plan = load_plan(tiny_torch_model_dir)
     volume = io.read_image(REAL_CT)[1]
     data = preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, tiny_plan).data
     cpu = predict_logits(data, load_backend(tiny_plan, backend="torch", device="cpu"))
     gpu = predict_logits(data, load_backend(tiny_plan, backend="torch", device="cuda", precision="fp16"))
     worst = np.abs(cpu - gpu).max() / np.abs(cpu).max()
     agreement = np.mean(cpu.argmax(0) == gpu.argmax(0))
-    print(f"\nCUDA fp16 vs CPU f32: max |diff| = {100 * worst:.3f}% of max |logit|, labels agree {100 * agreement:.3f}%")
+    print(f"\nCUDA fp16 vs CPU f32: max |diff| {100 * worst:.3f}% of max |logit|, labels agree {100 * agreement:.3f}%")
     assert worst <= 0.01 and agreement >= 0.995
 
 

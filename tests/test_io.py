@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from flarebox import io
 from flarebox.errors import CaseError
-
 from tests.images import write_image
 
 

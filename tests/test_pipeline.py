@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from flarebox.config import from_dict
 from flarebox.pipeline import Predictor, run_folder
-
 from tests.images import LPS, RAS, ct_like, oblique, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,8 +96,9 @@ def test_cli_exit_status_and_progress_lines(tiny_model_dir, tmp_path):
     )
     assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
-    progress = [line for line in lines if line.startswith("[1/")]
-    assert len(progress) == 1 and "good:" in progress[0]
+    progress = [line for line in lines if line.startswith("[")]
+    assert progress == [line for line in lines if line.startswith("[4/7] good: read ")]
+    assert len(progress) == 1
     for stage in ("read", "preprocess", "infer", "export", "write", "total"):
         assert f"{stage} " in progress[0]
     assert "1 case(s) written, 7 failed" in lines[-1]

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 from flarebox.models import Normalization
 from flarebox.preprocess import (
     forced_spacing,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from flarebox.sliding_window import (
     gaussian_importance,
     pad_to_patch,

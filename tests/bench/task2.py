@@ -37,7 +37,6 @@ def synthetic_ct(path: Path, slices: int, seed: int = 0) -> Path:
 def prepare(workdir: Path, slices: int) -> tuple[Path, Path]:
     """The random-weight Task 2 model with f32 and INT8 IR, and the input folder; made once, reused."""
     from flarebox.convert import convert_model
-
     from tests import nnunet_fixtures
 
     model = workdir / "task2_model"

@@ -185,11 +185,30 @@ def build_network(plan: ModelPlan, deep_supervision: bool = False) -> Any:
             if located is None:
                 raise ConfigError(f"plans.json: cannot import {kwargs[key]!r} for {key}")
             kwargs[key] = located
-    network_class = pydoc.locate(plan.architecture.class_name)
+    network_class = pydoc.locate(plan.architecture.class_name) or _find_architecture(plan.architecture.class_name)
     if network_class is None:
         raise ConfigError(f"plans.json: cannot import network class {plan.architecture.class_name!r}")
     kwargs["deep_supervision"] = deep_supervision
     return network_class(input_channels=plan.num_input_channels, num_classes=plan.num_classes, **kwargs)
+
+
+def _find_architecture(dotted_name: str) -> Any:
+    """Classes move between dynamic-network-architectures releases (ResidualEncoderUNet left
+    `residual_unet` for `unet`); plans keep the old path, so look the class up by its name."""
+    import importlib
+    import pkgutil
+
+    import dynamic_network_architectures.architectures as package
+
+    name = dotted_name.rsplit(".", 1)[-1]
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        try:
+            module = importlib.import_module(info.name)
+        except Exception:  # noqa: BLE001 - optional extras (timm, torchvision) some architectures need
+            continue
+        if isinstance(getattr(module, name, None), type):
+            return getattr(module, name)
+    return None
 
 
 def checkpoint_path(plan: ModelPlan, fold: int, checkpoint: str = "checkpoint_final.pth") -> Path:
