@@ -11,8 +11,9 @@ from flarebox.models import load_plan
 from tests import nnunet_fixtures
 from tests.images import ct_like, write_image
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "ts_ct_sm_0000.nii.gz"
-REAL_LABELS = REAL_CT.with_name("ts_ct_sm.nii.gz")
+# The real CT (../shared/data/real) is bundled as the sample input; its labels stay in shared/.
+REAL_CT = Path(__file__).resolve().parent / "data" / "inputs" / "ts_ct_sm_0000.nii.gz"
+REAL_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "ts_ct_sm.nii.gz"
 
 
 @pytest.fixture(scope="session")
