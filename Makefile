@@ -108,3 +108,9 @@ save-all:
 	  img=$(TEAM)-$$(echo $$t | tr _ -):latest; mkdir -p dist/$$t; \
 	  docker tag $$img $(TEAM):latest && docker save $(TEAM):latest | gzip -1 > dist/$$t/$(TEAM).tar.gz || exit 1; \
 	  ls -la dist/$$t/$(TEAM).tar.gz; done
+
+# ---- Demo weights: phantoms -> small networks of the published topologies -> OpenVINO -> scores --------
+DEMO_MINUTES ?= 20
+demo-weights: venv
+	$(PY) -m flarebox.training.demo --task task2 --out task2_cpu_organs/weights/model --minutes $(DEMO_MINUTES)
+	$(PY) -m flarebox.training.demo --task task1 --out task1_pancancer/weights/model --minutes $(DEMO_MINUTES)
