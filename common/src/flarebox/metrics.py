@@ -122,8 +122,8 @@ def _triangle_area_vectors() -> tuple[np.ndarray, np.ndarray]:
             points = np.array([(_CORNERS[a] + _CORNERS[b]) / 2.0 for a, b in polygon])
             candidates = []
             for triangles in _triangulations(len(points)):
-                tri = np.array(triangles)
-                area_vectors = 0.5 * np.cross(points[tri[:, 1]] - points[tri[:, 0]], points[tri[:, 2]] - points[tri[:, 0]])
+                a, b, c = (points[list(vertex)] for vertex in zip(*triangles, strict=True))
+                area_vectors = 0.5 * np.cross(b - a, c - a)
                 candidates.append((float(np.linalg.norm(area_vectors, axis=1).sum()), area_vectors))
             best = max(candidates, key=lambda c: c[0])[1]
             codes += [code] * len(best)

@@ -45,7 +45,6 @@ class InferenceConfig:
     step_size: float = 0.5
     mirroring: bool = False
     threads: int = 0  # 0 = the runtime's default (all cores)
-    accumulate: str = "float32"  # float32 | float16
     cache_dir: Path | None = None  # OpenVINO compiled-model cache
 
 
@@ -93,7 +92,6 @@ def validate(config: TaskConfig) -> TaskConfig:
          f"one of {PRECISIONS.get(inf.backend)} for {inf.backend}"),
         (inf.device in ("cpu", "cuda", "auto"), "[inference] device", "cpu, cuda or auto"),
         (0 < inf.step_size <= 1, "[inference] step_size", "in (0, 1]"),
-        (inf.accumulate in ("float32", "float16"), "[inference] accumulate", "float32 or float16"),
         (config.export.mode in EXPORT_MODES, "[export] mode", f"one of {EXPORT_MODES}"),
         (config.preprocess.resampler in ("auto", "torch", "scipy"), "[preprocess] resampler",
          "auto, torch or scipy"),

@@ -18,7 +18,7 @@ from typing import Any
 from flarebox.errors import ConfigError
 
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-RESENC_UNET = "dynamic_network_architectures.architectures.residual_unet.ResidualEncoderUNet"
+RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 
 
 @dataclass(frozen=True)
@@ -185,11 +185,30 @@ def build_network(plan: ModelPlan, deep_supervision: bool = False) -> Any:
             if located is None:
                 raise ConfigError(f"plans.json: cannot import {kwargs[key]!r} for {key}")
             kwargs[key] = located
-    network_class = pydoc.locate(plan.architecture.class_name)
+    network_class = pydoc.locate(plan.architecture.class_name) or _find_architecture(plan.architecture.class_name)
     if network_class is None:
         raise ConfigError(f"plans.json: cannot import network class {plan.architecture.class_name!r}")
     kwargs["deep_supervision"] = deep_supervision
     return network_class(input_channels=plan.num_input_channels, num_classes=plan.num_classes, **kwargs)
+
+
+def _find_architecture(dotted_name: str) -> Any:
+    """Classes move between dynamic-network-architectures releases (ResidualEncoderUNet left
+    `residual_unet` for `unet`); plans keep the old path, so look the class up by its name."""
+    import importlib
+    import pkgutil
+
+    import dynamic_network_architectures.architectures as package
+
+    name = dotted_name.rsplit(".", 1)[-1]
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        try:
+            module = importlib.import_module(info.name)
+        except Exception:  # noqa: BLE001 - optional extras (timm, torchvision) some architectures need
+            continue
+        if isinstance(getattr(module, name, None), type):
+            return getattr(module, name)
+    return None
 
 
 def checkpoint_path(plan: ModelPlan, fold: int, checkpoint: str = "checkpoint_final.pth") -> Path:
@@ -218,3 +237,129 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def unet_architecture(
+    *,
+    residual: bool,
+    features_per_stage: list[int],
+    strides: list[list[int]],
+    kernel_sizes: list[list[int]],
+    blocks_per_stage: list[int],
+    convs_per_decoder_stage: list[int],
+) -> Architecture:
+    """The `architecture` entry nnU-Net v2 plans for a PlainConvUNet or ResidualEncoderUNet."""
+    kwargs: dict[str, Any] = {
+        "n_stages": len(features_per_stage),
+        "features_per_stage": list(features_per_stage),
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [list(k) for k in kernel_sizes],
+        "strides": [list(s) for s in strides],
+        ("n_blocks_per_stage" if residual else "n_conv_per_stage"): list(blocks_per_stage),
+        "n_conv_per_stage_decoder": list(convs_per_decoder_stage),
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    }
+    return Architecture(RESENC_UNET if residual else PLAIN_UNET, kwargs, ("conv_op", "norm_op", "dropout_op", "nonlin"))
+
+
+def write_model_folder(
+    folder: str | Path,
+    *,
+    architecture: Architecture,
+    patch_zyx: tuple[int, int, int],
+    spacing_zyx_mm: tuple[float, float, float],
+    normalization: Normalization,
+    labels: dict[str, int],
+    channel_name: str = "CT",
+    dataset_name: str = "Dataset001_Flarebox",
+    batch_size: int = 2,
+    num_training: int = 0,
+) -> Path:
+    """Write plans.json and dataset.json exactly as nnU-Net v2 (current format) writes them for a
+    `3d_fullres` configuration, so nnU-Net's own predictor and ours read the same folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data_kwargs = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    properties = {"0": {"max": normalization.clip_high, "mean": normalization.mean, "median": normalization.mean,
+                        "min": normalization.clip_low, "percentile_00_5": normalization.clip_low,
+                        "percentile_99_5": normalization.clip_high, "std": normalization.std}}
+    plans = {
+        "dataset_name": dataset_name,
+        "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": list(spacing_zyx_mm),
+        "original_median_shape_after_transp": list(patch_zyx),
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {
+            "3d_fullres": {
+                "data_identifier": "nnUNetPlans_3d_fullres",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": batch_size,
+                "patch_size": list(patch_zyx),
+                "median_image_size_in_voxels": list(patch_zyx),
+                "spacing": list(spacing_zyx_mm),
+                "normalization_schemes": [normalization.scheme],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": data_kwargs,
+                "resampling_fn_seg_kwargs": {**data_kwargs, "is_seg": True, "order": 1},
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities_kwargs": {**data_kwargs, "order": 1},
+                "architecture": {
+                    "network_class_name": architecture.class_name,
+                    "arch_kwargs": architecture.kwargs,
+                    "_kw_requires_import": list(architecture.requires_import),
+                },
+                "batch_dice": False,
+            }
+        },
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": properties if normalization.scheme == "CTNormalization" else {},
+    }
+    dataset = {"channel_names": {"0": channel_name}, "labels": labels, "numTraining": num_training,
+               "file_ending": ".nii.gz"}
+    (folder / "plans.json").write_text(json.dumps(plans, indent=4) + "\n")
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n")
+    return folder
+
+
+def save_checkpoint(
+    network: Any,
+    path: str | Path,
+    *,
+    fold: int = 0,
+    epoch: int = 0,
+    optimizer_state: dict | None = None,
+    logging: dict | None = None,
+    trainer_name: str = "nnUNetTrainer",
+) -> Path:
+    """Save a checkpoint with the keys nnU-Net v2 writes (its predictor needs trainer_name,
+    init_args['configuration'] and inference_allowed_mirroring_axes besides the weights)."""
+    import torch
+
+    module = getattr(network, "module", network)  # unwrap DDP
+    module = getattr(module, "_orig_mod", module)  # unwrap torch.compile
+    checkpoint = {
+        "network_weights": module.state_dict(),
+        "optimizer_state": optimizer_state,
+        "grad_scaler_state": None,
+        "logging": logging or {},
+        "_best_ema": None,
+        "current_epoch": epoch,
+        "init_args": {"configuration": "3d_fullres", "fold": fold},
+        "trainer_name": trainer_name,
+        "inference_allowed_mirroring_axes": (0, 1, 2),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path

@@ -106,7 +106,6 @@ class Predictor:
                 self.backend,
                 step_size=cfg.inference.step_size,
                 mirroring=cfg.inference.mirroring,
-                accumulate_dtype=np.dtype(cfg.inference.accumulate).type,
                 on_tile=on_tile,
             )
         with timings.stage("export"):

@@ -41,5 +41,5 @@ def load_backend(
         return OpenVINOBackend(plan, precision=precision, folds=folds, threads=threads, cache_dir=cache_dir)
     from flarebox.backends.torch_runtime import TorchBackend
 
-    return TorchBackend(plan, device=device, precision=precision, folds=folds, checkpoint=checkpoint,
-                        threads=threads)
+    return TorchBackend.from_plan(plan, device=device, precision=precision, folds=folds, checkpoint=checkpoint,
+                                  threads=threads)

@@ -11,8 +11,18 @@ from flarebox.models import ModelPlan, load_network
 
 
 class TorchBackend:
-    def __init__(
-        self,
+    """Networks in eval mode on one device; several networks are an ensemble (logits averaged)."""
+
+    def __init__(self, networks: list[torch.nn.Module], patch_zyx: tuple[int, int, int], num_classes: int, *,
+                 device: str = "cpu", precision: str = "f32") -> None:
+        self.patch_zyx, self.num_classes = tuple(patch_zyx), num_classes
+        self.device = torch.device(device)
+        self.precision = precision
+        self.networks = [network.to(self.device) for network in networks]
+
+    @classmethod
+    def from_plan(
+        cls,
         plan: ModelPlan,
         *,
         device: str = "cpu",
@@ -20,16 +30,13 @@ class TorchBackend:
         folds: tuple[int, ...] = (0,),
         checkpoint: str = "checkpoint_final.pth",
         threads: int = 0,
-    ) -> None:
-        self.patch_zyx = plan.patch_zyx
-        self.num_classes = plan.num_classes
-        self.device = torch.device(device)
+    ) -> TorchBackend:
         if threads > 0:
             torch.set_num_threads(threads)
-        self.precision = precision
-        self.networks = [load_network(plan, fold, checkpoint).to(self.device) for fold in folds]
-        if self.device.type == "cuda":
+        if torch.device(device).type == "cuda":
             torch.backends.cudnn.benchmark = True
+        networks = [load_network(plan, fold, checkpoint) for fold in folds]
+        return cls(networks, plan.patch_zyx, plan.num_classes, device=device, precision=precision)
 
     def _autocast(self):
         if self.precision == "f32":
