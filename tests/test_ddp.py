@@ -9,22 +9,51 @@ from pathlib import Path
 
 import torch
 
+TRAIN_TOML = """
+[network]
+features_per_stage = [4, 8, 16]
+strides_zyx = [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
+kernel_sizes_zyx = [[3, 3, 3], [3, 3, 3], [3, 3, 3]]
+blocks_per_stage = [1, 1, 1]
+spacing_zyx_mm = [8.0, 8.0, 8.0]
+patch_zyx = [16, 32, 32]
+ct_clip_hu = [-958, 270]
+ct_mean_hu = -97.3
+ct_std_hu = 137.8
 
-def test_torchrun_two_processes_stay_in_sync(tmp_path):
-    from flarebox.models import write_model_folder
+[train]
+epochs = 2
+iterations_per_epoch = 2
+batch_size = 2
+validation_cases = 1
+validate_every_epochs = 2
+device = "cpu"
+"""
+
+
+def test_torchrun_two_ranks_train_in_sync_and_rank0_writes(tmp_path):
     from flarebox.phantoms import write_dataset
-    from tests import nnunet_fixtures
 
     raw = write_dataset(tmp_path / "raw", 3, 0, spacing_zyx_mm=(4.0, 4.0, 4.0))
-    model = write_model_folder(tmp_path / "model", **{**nnunet_fixtures.TINY_PLAIN, "spacing_zyx_mm": (4.0, 4.0, 4.0)})
+    (tmp_path / "train.toml").write_text(TRAIN_TOML)
+    model, logs = tmp_path / "model", tmp_path / "logs"
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "flarebox.training", "train",
-           "--dataset", str(raw), "--model", str(model), "--epochs", "2", "--iterations-per-epoch", "2",
-           "--batch-size", "1"]
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "--log-dir", str(logs), "--tee", "3",
+           "-m", "flarebox.training", "train", "--dataset", str(raw), "--out", str(model),
+           "--config", str(tmp_path / "train.toml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "ranks 2: parameter checksums" in result.stdout and "in sync" in result.stdout
-    assert result.stdout.count("epoch 2/2") == 1  # rank 0 alone logs
+
+    # both ranks ran to the end, each with its own stdout; only rank 0 reports epochs
+    rank_logs = {p.parent.name: p.read_text() for p in logs.rglob("stdout.log")}
+    assert sorted(rank_logs) == ["0", "1"]
+    assert "epoch    2/2" in rank_logs["0"] and "epoch" not in rank_logs["1"]
+
     state = torch.load(model / "fold_0" / "checkpoint_final.pth", weights_only=False)
-    assert state["current_epoch"] == 2
+    digests = state["logging"]["parameter_digests_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # DDP kept the replicas identical
+    assert state["current_epoch"] == 2 and len(state["logging"]["train_losses"]) == 2
+    assert {p.name for p in (model / "fold_0").iterdir()} <= {"checkpoint_final.pth", "checkpoint_latest.pth",
+                                                              "checkpoint_best.pth"}
+    assert not list(model.rglob(".*.tmp"))  # writes were atomic and only rank 0 wrote

@@ -1,102 +1,311 @@
-"""training: loss, learning rate, sampling, augmentation, a short run whose checkpoint the engine loads."""
+"""training: loss on hand cases, poly LR, config, sampling, augmentation, cache, and a short real run
+whose checkpoint the engine (and nnU-Net's own predictor, where installed) load and predict with."""
 
 from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from flarebox.errors import ConfigError
-from flarebox.training.augment import spatial
-from flarebox.training.config import load_train_config
-from flarebox.training.data import Sample
-from flarebox.training.loss import deep_supervision_loss, dice_ce
-from flarebox.training.sampling import foreground_index, sample_batch
-from flarebox.training.trainer import poly_lr
+from flarebox.training.augment import SpatialSettings, centre_crop, intensity, spatial, spatial_margin
+from flarebox.training.config import NetworkSpec, TrainConfig, load_config
+from flarebox.training.data import TrainingCase, class_locations, resample_labels, split_cases
+from flarebox.training.loss import deep_supervision_loss, deep_supervision_weights, dice_ce
+from flarebox.training.sampling import crop, rank_batch_size, sample_batch
+from flarebox.training.trainer import labelled_mask, poly_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+NNUNET_PYTHON = ROOT / ".venv-nnunet" / "bin" / "python"
+
+TINY_NETWORK = NetworkSpec(
+    features_per_stage=(4, 8, 16), strides_zyx=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
+    kernel_sizes_zyx=((3, 3, 3),) * 3, blocks_per_stage=(1, 1, 1), spacing_zyx_mm=(8.0, 8.0, 8.0),
+    patch_zyx=(16, 32, 32), ct_clip_hu=(-958.0, 270.0), ct_mean_hu=-97.3, ct_std_hu=137.8)
 
 
-def test_dice_ce_on_hand_cases():
+# ---- loss ------------------------------------------------------------------------------------------
+
+def half_target() -> torch.Tensor:
     target = torch.zeros(1, 4, 4, 4, dtype=torch.long)
     target[0, :2] = 1
+    return target
+
+
+def test_dice_ce_is_nnunets_ce_minus_soft_dice():
+    target = half_target()
     perfect = torch.stack([(target == 0).float(), (target == 1).float()], 1) * 40 - 20
-    assert dice_ce(perfect, target).item() == pytest.approx(0.0, abs=1e-6)
-    uniform = torch.zeros(1, 2, 4, 4, 4)
-    # CE = ln 2; soft Dice of p = 0.5 everywhere against half the voxels: 2*16/(32+32) = 0.5
-    assert dice_ce(uniform, target).item() == pytest.approx(np.log(2) + 0.5, rel=1e-4)
+    assert dice_ce(perfect, target).item() == pytest.approx(-1.0, abs=1e-6)
+    # p = 0.5 everywhere: CE = ln 2; Dice of class 1 = 2 * 16 / (32 + 32) = 0.5
+    assert dice_ce(torch.zeros(1, 2, 4, 4, 4), target).item() == pytest.approx(math.log(2) - 0.5, rel=1e-5)
 
 
-def test_partial_labels_merge_unlabelled_classes_into_background():
+def test_batch_dice_pools_the_batch_and_plain_dice_averages_samples():
+    target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    target[0, :2] = 1  # class 1 in the first sample only
+    logits = torch.zeros(2, 2, 4, 4, 4)
+    ce = math.log(2)
+    # per sample: 0.5 for the first; (0 + 1e-5) / (32 + 1e-5) ~ 0 for the second, whose class 1 is absent
+    assert dice_ce(logits, target).item() == pytest.approx(ce - 0.25, abs=1e-5)
+    # pooled: 2 * 16 / (64 + 32)
+    assert dice_ce(logits, target, batch_dice=True).item() == pytest.approx(ce - 1 / 3, abs=1e-5)
+
+
+def test_partial_labels_merge_unannotated_classes_into_background():
     target = torch.zeros(1, 2, 2, 2, dtype=torch.long)
     logits = torch.zeros(1, 3, 2, 2, 2)
-    logits[:, 2] = 20  # confident in class 2, which this dataset does not annotate
-    full = dice_ce(logits, target)
-    partial = dice_ce(logits, target, labelled=(1,))
-    assert partial.item() < 0.01 < full.item()  # class 2 may hide in background: no penalty
+    logits[:, 2] = 20  # confident in class 2, which this case's dataset does not annotate
+    annotates_1 = torch.tensor([[True, True, False]])
+    assert dice_ce(logits, target).item() > 10  # fully labelled: confidently wrong
+    # merged: background takes p0 + p2 = 1 - p1; Dice over class 1 only, which is absent: smooth / (smooth + sum p1)
+    p1 = 1 / (2 + math.exp(20))
+    expected = -math.log(1 - p1) - 1e-5 / (1e-5 + 8 * p1)
+    assert dice_ce(logits, target, annotates_1).item() == pytest.approx(expected, abs=1e-6)
+    assert dice_ce(logits, target, torch.tensor([[True, True, True]])).item() > 10  # all annotated: as before
+    # a case annotating nothing adds no gradient
+    logits = torch.randn(1, 3, 2, 2, 2, requires_grad=True)
+    dice_ce(logits, target, torch.tensor([[True, False, False]])).backward()
+    assert logits.grad.abs().max() < 1e-6  # rounding only
 
 
-def test_deep_supervision_weights_drop_the_lowest_resolution():
+def test_labelled_mask_follows_the_case_prefixes():
+    config = TrainConfig(partial_labels=(("kits_", (1,)), ("liver_", (2,))))
+    mask = labelled_mask(("kits_01", "other_3", "liver_9"), config, 3)
+    assert mask.tolist() == [[True, True, False], [True, True, True], [True, False, True]]
+    assert labelled_mask(("a", "b"), TrainConfig(), 3) is None
+
+
+def test_deep_supervision_weights_and_the_dropped_lowest_resolution():
+    assert deep_supervision_weights(3) == pytest.approx([2 / 3, 1 / 3, 0.0])
     target = torch.randint(0, 2, (1, 8, 8, 8))
-    lowest = torch.randn(1, 2, 2, 2, 2, requires_grad=True)
-    outputs = [torch.randn(1, 2, 8, 8, 8), torch.randn(1, 2, 4, 4, 4), lowest]
+    outputs = [torch.randn(1, 2, 8, 8, 8), torch.randn(1, 2, 4, 4, 4),
+               torch.randn(1, 2, 2, 2, 2, requires_grad=True)]
     loss = deep_supervision_loss(outputs, target)
+    half = target[:, 1::2, 1::2, 1::2]  # nearest-exact (as nnU-Net) at a factor of 2: voxel 2j + 1
+    expected = 2 / 3 * dice_ce(outputs[0], target) + 1 / 3 * dice_ce(outputs[1], half)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
-    assert lowest.grad is not None and torch.count_nonzero(lowest.grad) == 0  # weight 0, still in the graph
+    assert outputs[2].grad is not None and torch.count_nonzero(outputs[2].grad) == 0
 
 
-def test_poly_learning_rate_and_config_validation(tmp_path):
-    assert poly_lr(0.01, 0, 100) == 0.01
-    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9)
+# ---- schedule and configuration -------------------------------------------------------------------
+
+def test_poly_learning_rate():
+    assert poly_lr(0.01, 0.0) == 0.01
+    assert poly_lr(0.01, 0.5) == pytest.approx(0.01 * 0.5**0.9)
+    assert poly_lr(0.01, 999 / 1000) == pytest.approx(0.01 * 0.001**0.9)
+    assert poly_lr(0.01, 1.0) == 0.0
+
+
+def test_config_from_toml_with_overrides_and_errors(tmp_path):
     path = tmp_path / "train.toml"
-    path.write_text("[train]\nbatch_size = 4\nlabelled_classes = [1]\npatch_zyx = [16, 32, 32]\n")
-    config = load_train_config(path, epochs=3)
-    assert config.batch_size == 4 and config.labelled_classes == (1,) and config.epochs == 3
-    assert config.patch_zyx == (16, 32, 32)
-    with pytest.raises(ConfigError, match="unknown key"):
-        load_train_config(path, lerning_rate=1)
+    path.write_text('[train]\nbatch_size = 4\npatch_zyx = [16, 32, 32]\noptimizer = "adamw"\n'
+                    '[train.partial_labels]\n"kits_" = [1]\n'
+                    "[network]\nfeatures_per_stage = [4, 8]\nstrides_zyx = [[1, 1, 1], [2, 2, 2]]\n"
+                    "kernel_sizes_zyx = [[3, 3, 3], [3, 3, 3]]\nblocks_per_stage = [1, 1]\n"
+                    "spacing_zyx_mm = [2.5, 2.5, 2.5]\npatch_zyx = [16, 32, 32]\n")
+    config, network = load_config(path, epochs=3, learning_rate=None)
+    assert (config.batch_size, config.epochs, config.patch_zyx, config.optimizer) == (4, 3, (16, 32, 32), "adamw")
+    assert config.learning_rate == 1e-2  # None = not given on the command line
+    assert config.labelled_classes("kits_007") == (1,) and config.labelled_classes("flare_1") is None
+    assert network.strides_zyx == ((1, 1, 1), (2, 2, 2)) and network.decoder_convs == (2,)
+    with pytest.raises(ConfigError, match=r"\[train\] lerning_rate: unknown key"):
+        load_config(path, lerning_rate=1)
+    with pytest.raises(ConfigError, match=r"\[train\] optimizer: must be one of"):
+        load_config(path, optimizer="adam")
+    with pytest.raises(ConfigError, match=r"\[train\] epochs: expected an integer"):
+        load_config(path, epochs=2.5)
+    network_table = path.read_text().split("[network]")[1]
+    path.write_text("[network]" + network_table.replace("patch_zyx = [16, 32, 32]", "patch_zyx = [15, 32, 32]"))
+    with pytest.raises(ConfigError, match=r"\[network\] patch_zyx: \[15, 32, 32\] must be divisible by the total"):
+        load_config(path)
 
 
-def test_foreground_oversampling_rate():
-    labels = np.zeros((40, 40, 40), np.uint8)
-    labels[30:33, 30:33, 30:33] = 1  # a small organ in a corner
-    samples = [Sample("a", np.zeros((1, 40, 40, 40), np.float32), labels)]
+# ---- sampling ---------------------------------------------------------------------------------------
+
+def two_organ_case() -> TrainingCase:
+    labels = np.zeros((40, 64, 64), np.uint8)
+    labels[2:30, 2:60, 2:30] = 1  # a large organ
+    labels[35:37, 60:62, 60:62] = 2  # a tiny one in the far corner
+    image = labels[None].astype(np.float32)
+    return TrainingCase("a", image, labels, class_locations(labels, np.random.default_rng(0)))
+
+
+def test_foreground_oversampling_rate_and_class_balance():
+    case = two_organ_case()
     rng = np.random.default_rng(0)
-    hits = []
-    for _ in range(200):
-        _, batch = sample_batch(samples, foreground_index(samples), 3, (8, 8, 8), rng, 0.33)
-        hits.append([bool(b.any()) for b in batch])
-    hits = np.array(hits)
-    assert hits[:, -1].all()  # the forced patch always holds foreground
-    assert hits[:, 0].mean() < 0.2  # random patches rarely do
+    forced, holds_it = [], []
+    for _ in range(300):
+        batch = sample_batch([case], 4, (8, 8, 8), rng, oversampling=0.33)
+        for labels, label in zip(batch.labels, batch.forced_class, strict=True):
+            forced.append(label)
+            if label:
+                holds_it.append(bool((labels == label).any()))
+    forced = np.array(forced)
+    assert abs((forced > 0).mean() - 0.33) < 0.04  # 1200 samples: 4 standard deviations
+    assert all(holds_it)  # a forced patch holds its class, however small
+    assert abs((forced == 2).sum() / (forced > 0).sum() - 0.5) < 0.08  # classes equally likely, not by size
 
 
-def test_spatial_augmentation_keeps_image_and_labels_aligned():
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.zeros(8, 16, 32, 32, dtype=torch.long)
-    labels[:, 4:12, 8:20, 10:26] = 1
+def test_crop_pads_outside_the_image_and_rank_batches_add_up():
+    array = np.arange(27, dtype=np.float32).reshape(3, 3, 3) + 1
+    out = crop(array, np.array([-1, 0, 2]), (3, 3, 3))
+    assert out[0].sum() == 0 and out[1:, :, 0].tolist() == array[:2, :, 2].tolist() and out[:, :, 1:].sum() == 0
+    assert [rank_batch_size(5, r, 2) for r in range(2)] == [3, 2]
+    with pytest.raises(ValueError, match="smaller than the number of processes"):
+        rank_batch_size(1, 0, 2)
+
+
+# ---- augmentation -----------------------------------------------------------------------------------
+
+def test_spatial_augmentation_moves_image_and_labels_together():
+    patch = (16, 32, 32)
+    settings = SpatialSettings(rotation_deg=30, scale_range=(0.7, 1.4), elastic=True, p_rotation=1.0,
+                               p_scaling=1.0, p_elastic=1.0)
+    margin = spatial_margin(patch, settings)
+    region = tuple(p + 2 * m for p, m in zip(patch, margin, strict=True))
+    labels = torch.zeros((4, *region), dtype=torch.long)
+    zz, yy, xx = torch.meshgrid(*(torch.arange(s) for s in region), indexing="ij")
+    centre = [s / 2 for s in region]
+    labels[:, ((zz - centre[0]) / 6) ** 2 + ((yy - centre[1]) / 12) ** 2 + ((xx - centre[2] - 4) / 8) ** 2 < 1] = 1
     images = labels[:, None].float() * 5
-    for _ in range(5):
-        images, labels = spatial(images, labels, gen)
-    inside = images[:, 0][labels == 1]
-    outside = images[:, 0][labels == 0]
-    assert inside.mean() > 4 and outside.mean() < 1
+    out_images, out_labels = spatial(images, labels, patch, settings, np.random.default_rng(0),
+                                     torch.Generator().manual_seed(0))
+    assert out_images.shape == (4, 1, *patch) and out_labels.shape == (4, *patch)
+    assert not torch.equal(out_labels, centre_crop(labels, patch))  # it did transform
+    agree = (out_images[:, 0] > 2.5) == (out_labels == 1)
+    assert agree.float().mean() > 0.99  # bilinear image and nearest labels differ at most on the border
+    # the margin is enough: a constant image stays constant inside the patch, no zero padding shows
+    ones, _ = spatial(torch.ones_like(images), labels, patch, settings, np.random.default_rng(1),
+                      torch.Generator().manual_seed(1))
+    assert ones.min() > 0.999
 
 
-def test_short_training_run_lowers_the_loss_and_the_engine_loads_it(tmp_path):
-    from flarebox.models import load_network, load_plan, write_model_folder
+def test_mirroring_flips_image_and_labels_alike_and_intensity_keeps_shape():
+    settings = SpatialSettings(p_rotation=0.0, p_scaling=0.0, mirror_axes=(0, 1, 2))
+    labels = torch.randint(0, 3, (8, 6, 8, 10))
+    images = labels[:, None].float()
+    out_images, out_labels = spatial(images, labels, (6, 8, 10), settings, np.random.default_rng(0),
+                                     torch.Generator())
+    assert torch.equal(out_images[:, 0], out_labels.float())
+    assert not torch.equal(out_labels, labels)
+    augmented = intensity(torch.randn(16, 1, 6, 8, 10), False, np.random.default_rng(0), torch.Generator())
+    assert augmented.shape == (16, 1, 6, 8, 10) and torch.isfinite(augmented).all()
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+def test_label_resampling_keeps_thin_structures_and_splits_are_disjoint():
+    labels = np.zeros((20, 40, 40), np.uint8)
+    labels[:, 20, 10:30] = 3  # one voxel thick: nearest neighbour at half size may miss it entirely
+    small = resample_labels(labels, (10, 20, 20))
+    assert (small == 3).any() and set(np.unique(small)) == {0, 3}
+    ids = [f"c{i}" for i in range(10)]
+    folds = [split_cases(ids, 2, fold) for fold in range(5)]
+    held = [v for _, v in folds]
+    assert sorted(c for v in held for c in v) == sorted(ids)  # five folds hold out every case once
+    assert all(set(t).isdisjoint(v) for t, v in folds)
+
+
+# ---- a real run ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three phantoms, a tiny network, 6 short epochs."""
     from flarebox.phantoms import write_dataset
-    from flarebox.training.config import TrainConfig
     from flarebox.training.trainer import train
-    from tests import nnunet_fixtures
 
-    raw = write_dataset(tmp_path / "raw", 3, 0, spacing_zyx_mm=(4.0, 4.0, 4.0))
-    model = write_model_folder(tmp_path / "model", **{**nnunet_fixtures.TINY_PLAIN, "spacing_zyx_mm": (4.0, 4.0, 4.0)})
-    config = TrainConfig(epochs=6, iterations_per_epoch=3, batch_size=2, validation_cases=1, validate_every=3,
-                         learning_rate=0.01, spatial_augmentation=False)
-    path = train(raw, model, config)
+    root = tmp_path_factory.mktemp("train")
+    raw = write_dataset(root / "raw", 3, 0, spacing_zyx_mm=(4.0, 4.0, 4.0))
+    config = TrainConfig(epochs=6, iterations_per_epoch=4, batch_size=2, validation_cases=1,
+                         validate_every_epochs=3, device="cpu")
+    path = train(raw, root / "model", config, network_spec=TINY_NETWORK, cache_dir=root / "cache")
+    return root, path
+
+
+def test_a_short_run_lowers_the_loss_and_writes_nnunet_checkpoints(trained):
+    root, path = trained
     state = torch.load(path, weights_only=False)
-    assert set(state) >= {"network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes"}
+    assert {"network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema", "current_epoch",
+            "init_args", "trainer_name", "inference_allowed_mirroring_axes"} <= set(state)
+    assert state["current_epoch"] == 6 and state["trainer_name"] == "nnUNetTrainer"
+    assert state["init_args"]["configuration"] == "3d_fullres" and state["init_args"]["fold"] == 0
     losses = state["logging"]["train_losses"]
-    assert len(losses) == 6 and np.mean(losses[-2:]) < np.mean(losses[:2])
-    assert state["logging"]["val_dice"]
-    network = load_network(load_plan(model), 0)
-    assert network(torch.zeros(1, 1, 16, 32, 32)).shape == (1, 14, 16, 32, 32)
+    assert len(losses) == 6 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.1
+    assert [v["epoch"] for v in state["logging"]["validation"]] == [3, 6]
+    assert set(state["logging"]["validation"][0]["per_class"]) >= {"liver", "spleen"}  # FLARE organ scoring
+    assert (path.parent / "checkpoint_best.pth").is_file()
+    cached = next((root / "cache").iterdir())
+    assert len(list(cached.glob("*_image.npy"))) == 3  # preprocessed once, as .npy
+
+
+def test_the_engine_loads_the_checkpoint_and_segments(trained):
+    from flarebox import io
+    from flarebox.config import from_dict
+    from flarebox.models import load_network, load_plan
+    from flarebox.pipeline import Predictor
+
+    root, _ = trained
+    plan = load_plan(root / "model")
+    network = load_network(plan, 0)
+    assert network(torch.zeros(1, 1, *plan.patch_zyx)).shape == (1, 14, *plan.patch_zyx)
+    predictor = Predictor.from_config(from_dict({"model": {"folder": str(root / "model")},
+                                                 "inference": {"backend": "torch", "device": "cpu"}}, root))
+    volume = io.read_image(root / "raw" / "imagesTr" / "phantom_0000_0000.nii.gz")[1]
+    labels = predictor.segment(volume)
+    assert labels.shape == volume.array_zyx.shape and labels.max() < 14
+
+
+def test_continue_resumes_from_the_latest_checkpoint(trained, tmp_path):
+    import shutil
+
+    from flarebox.training.trainer import train
+
+    root, _ = trained
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    config = TrainConfig(epochs=8, iterations_per_epoch=1, batch_size=2, validation_cases=1,
+                         validate_every_epochs=8, device="cpu")
+    path = train(root / "raw", model, config, cache_dir=root / "cache", resume=True)
+    state = torch.load(path, weights_only=False)
+    assert state["current_epoch"] == 8 and len(state["logging"]["train_losses"]) == 8
+
+
+@pytest.mark.skipif(not NNUNET_PYTHON.exists(), reason="nnU-Net reference environment missing (make nnunet-env)")
+def test_nnunet_predictor_loads_the_model_folder(trained, tmp_path):
+    """nnU-Net 2.8.1's own predictor reads our plans.json and checkpoint and computes the same logits."""
+    from flarebox.models import load_network, load_plan
+
+    root, _ = trained
+    plan = load_plan(root / "model")
+    x = np.random.default_rng(0).normal(size=(1, *plan.patch_zyx)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
+        "p = nnUNetPredictor(use_mirroring=False, device=torch.device('cpu'), allow_tqdm=False)\n"
+        "p.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,))\n"
+        "with torch.no_grad(): np.save(sys.argv[3], p.network(torch.from_numpy(np.load(sys.argv[2]))[None]).numpy())\n"
+    )
+    subprocess.run([str(NNUNET_PYTHON), "-c", script, str(root / "model"), str(tmp_path / "x.npy"),
+                    str(tmp_path / "theirs.npy")], check=True, capture_output=True, timeout=300)
+    with torch.no_grad():
+        ours = load_network(plan, 0)(torch.from_numpy(x)[None]).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "theirs.npy"), ours, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_uses_fp16_autocast_and_grad_scaling(trained, tmp_path):
+    from flarebox.training.trainer import train
+
+    root, _ = trained
+    config = TrainConfig(epochs=2, iterations_per_epoch=3, batch_size=2, validation_cases=1, device="cuda",
+                         elastic_deformation=True)
+    path = train(root / "raw", tmp_path / "model", config, network_spec=TINY_NETWORK, cache_dir=root / "cache")
+    state = torch.load(path, weights_only=False)
+    assert state["grad_scaler_state"] is not None and len(state["logging"]["train_losses"]) == 2
+    assert all(t.device.type == "cpu" for t in state["network_weights"].values())  # loads anywhere

@@ -39,7 +39,8 @@ class TorchBackend:
         return cls(networks, plan.patch_zyx, plan.num_classes, device=device, precision=precision)
 
     def _autocast(self):
-        if self.precision == "f32":
+        # fp16 is a CUDA setting: CPU kernels for it are slow or missing, so the CPU runs f32.
+        if self.precision == "f32" or (self.precision == "fp16" and self.device.type != "cuda"):
             return contextlib.nullcontext()
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)

@@ -1,6 +1,9 @@
 """An nnU-Net-like trainer whose checkpoints the engine (and nnU-Net's predictor) load directly.
 
-data (preprocess an nnU-Net raw dataset with the engine's own preprocessing) -> sampling (patches,
-foreground oversampling) -> augment (spatial and intensity, in torch) -> loss (Dice + CE, deep
-supervision, partial labels) -> trainer (SGD poly or AdamW, validation, checkpoints, DDP via torchrun).
+One path, a module per step: config (frozen TrainConfig / NetworkSpec from TOML) -> plans (a new
+model folder's plans.json) -> data (the engine's preprocessing, cached as .npy) -> sampling
+(patches, foreground oversampling) -> augment (spatial and intensity, in torch) -> loss (Dice + CE,
+deep supervision, partial labels) -> trainer (optimiser, poly LR, DDP via torchrun) -> validate
+(engine sliding window, FLARE metrics) -> checkpoint (nnU-Net's keys). `demo` trains the bundled
+demo weights on synthetic phantoms.
 """

@@ -1,31 +1,59 @@
-"""python -m flarebox.training train --dataset RAW --model MODEL_DIR [--config train.toml] [--epochs N ...]"""
+"""Command line: train one fold of a model on an nnU-Net raw dataset.
+
+    python -m flarebox.training train --dataset RAW_DIR --out MODEL_DIR --config train.toml
+    torchrun --standalone --nproc_per_node 2 -m flarebox.training train --dataset RAW_DIR --out MODEL_DIR ...
+
+`--config` holds `[train]` and, to create MODEL_DIR's plans.json, `[network]` (see
+flarebox/training/config.py). Options below override `[train]` keys. One line per epoch (rank 0):
+loss, learning rate, validation DSC/NSD when validated, seconds.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from flarebox.training.config import load_train_config
-from flarebox.training.trainer import train
+from flarebox.errors import CaseError, ConfigError
+
+OVERRIDES = (("epochs", int), ("iterations-per-epoch", int), ("batch-size", int), ("learning-rate", float),
+             ("optimizer", str), ("time-limit-minutes", float), ("validation-cases", int),
+             ("validate-every-epochs", int), ("device", str), ("seed", int))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flarebox.training", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one fold; writes MODEL_DIR/fold_<k>/checkpoint_final.pth")
+    t.add_argument("--dataset", required=True, help="nnU-Net raw dataset (imagesTr, labelsTr, dataset.json)")
+    t.add_argument("--out", required=True, help="model folder (created from [network] if it has no plans.json)")
+    t.add_argument("--config", help="TOML file with [train] and optionally [network]")
+    t.add_argument("--fold", type=int, default=0)
+    t.add_argument("--cache", help="folder for preprocessed cases (default DATASET/preprocessed)")
+    t.add_argument("--continue", dest="resume", action="store_true", help="resume from checkpoint_latest.pth")
+    for name, kind in OVERRIDES:
+        t.add_argument(f"--{name}", type=kind, help="overrides [train] " + name.replace("-", "_"))
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flarebox.training")
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train one fold of a model folder on an nnU-Net raw dataset")
-    t.add_argument("--dataset", required=True)
-    t.add_argument("--model", required=True, help="model folder with plans.json and dataset.json")
-    t.add_argument("--config", help="TOML file with a [train] table")
-    t.add_argument("--fold", type=int, default=0)
-    for name, kind in (("epochs", int), ("iterations-per-epoch", int), ("batch-size", int), ("learning-rate", float),
-                       ("time-limit-minutes", float), ("device", str), ("optimizer", str), ("seed", int)):
-        t.add_argument(f"--{name}", type=kind)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    overrides = {k: getattr(args, k) for k in ("epochs", "iterations_per_epoch", "batch_size", "learning_rate",
-                                                "time_limit_minutes", "device", "optimizer", "seed")}
-    train(args.dataset, args.model, load_train_config(args.config, **overrides), fold=args.fold)
+    args = parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    # one voice: rank 0 reports progress, the other ranks only warnings and errors
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
+                        format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s")
+    from flarebox.training.config import load_config
+    from flarebox.training.trainer import train
+
+    try:
+        overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _ in OVERRIDES}
+        config, network = load_config(args.config, **overrides)
+        train(args.dataset, args.out, config, network_spec=network, fold=args.fold, cache_dir=args.cache,
+              resume=args.resume)
+    except (ConfigError, CaseError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

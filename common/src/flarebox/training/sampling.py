@@ -1,58 +1,95 @@
-"""Patch sampling with nnU-Net's foreground oversampling."""
+"""Patch sampling with nnU-Net's foreground oversampling.
+
+Each sample of a batch comes from a uniformly chosen training case. With probability
+`oversampling` (nnU-Net: 0.33) it is forced to hold foreground: one of the foreground classes
+present in that case is chosen uniformly (class-balanced, so a small organ is as likely as the
+liver), then one of its voxels, and the patch is centred on it (clipped to the image). Otherwise the
+patch lies anywhere inside the image (along an axis where the image is smaller than the patch, the
+image lies anywhere inside the patch). This is nnU-Net's `probabilistic_oversampling`; its default
+instead forces the last round(0.33 * batch) samples of a batch, which is 50 % for a batch of 2 and
+0 % for a torchrun rank holding 1.
+
+The crop returned is a region larger than the patch by `margin_zyx` on each side, centred on the
+patch, so that rotation and scaling in `augment` sample real image content rather than zero padding
+in the patch corners. Voxels outside the image are 0 in the image (the normalised mean) and
+background in the labels, as in nnU-Net.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from flarebox.training.data import Sample
+from flarebox.training.data import TrainingCase
 
 
-def foreground_index(samples: list[Sample]) -> list[dict[int, np.ndarray]]:
-    """Per sample and class, up to 2000 voxel coordinates to centre foreground patches on."""
-    rng = np.random.default_rng(0)
-    index = []
-    for sample in samples:
-        per_class = {}
-        for label in np.unique(sample.labels):
-            if label == 0:
-                continue
-            coords = np.argwhere(sample.labels == label)
-            if len(coords) > 2000:
-                coords = coords[rng.choice(len(coords), 2000, replace=False)]
-            per_class[int(label)] = coords
-        index.append(per_class)
-    return index
+@dataclass(frozen=True)
+class Batch:
+    images: np.ndarray  # (b, c, *region) float32
+    labels: np.ndarray  # (b, *region) uint8
+    case_ids: tuple[str, ...]
+    forced_class: tuple[int, ...]  # the class a sample was forced to contain; 0 = a random patch
 
 
-def sample_patch(sample: Sample, classes: dict[int, np.ndarray], patch_zyx: tuple[int, ...],
-                 rng: np.random.Generator, force_foreground: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One (c, *patch) image and (*patch) label patch; zero-padded where the case is smaller."""
-    shape = np.array(sample.labels.shape)
-    patch = np.array(patch_zyx)
-    if force_foreground and classes:
-        label = int(rng.choice(sorted(classes)))  # classes equally likely, as nnU-Net samples them
-        centre = classes[label][rng.integers(len(classes[label]))]
-        start = centre - patch // 2 + rng.integers(-patch // 4, patch // 4 + 1)
-    else:
-        start = np.array([rng.integers(min(0, s - p), max(0, s - p) + 1) for s, p in zip(shape, patch, strict=True)])
-    start = np.clip(start, np.minimum(0, shape - patch), np.maximum(0, shape - patch))
-    image = np.zeros((sample.image.shape[0], *patch_zyx), np.float32)
-    labels = np.zeros(patch_zyx, np.uint8)
-    src = tuple(slice(max(0, a), min(s, a + p)) for a, s, p in zip(start, shape, patch, strict=True))
-    dst = tuple(slice(max(0, -a), max(0, -a) + (r.stop - r.start)) for a, r in zip(start, src, strict=True))
-    image[(slice(None), *dst)] = sample.image[(slice(None), *src)]
-    labels[dst] = sample.labels[src]
-    return image, labels
+def patch_start(shape_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], rng: np.random.Generator,
+                centre_zyx: np.ndarray | None) -> np.ndarray:
+    """Start corner of a patch: random, or centred on `centre_zyx`; may be negative (padding)."""
+    shape, patch = np.asarray(shape_zyx), np.asarray(patch_zyx)
+    pad = np.maximum(patch - shape, 0)
+    low = -(pad // 2)  # an image smaller than the patch sits anywhere inside it, as in nnU-Net
+    high = shape + pad // 2 + pad % 2 - patch
+    if centre_zyx is None:
+        return np.array([rng.integers(lo, hi + 1) for lo, hi in zip(low, high, strict=True)])
+    return np.clip(np.asarray(centre_zyx) - patch // 2, low, high)
 
 
-def sample_batch(samples: list[Sample], index: list[dict[int, np.ndarray]], batch_size: int,
-                 patch_zyx: tuple[int, ...], rng: np.random.Generator, oversampling: float):
-    """A batch where the last round(batch * oversampling) patches (at least one) hold foreground."""
-    n_forced = max(1, int(round(batch_size * oversampling))) if oversampling > 0 else 0
-    images, labels = [], []
-    for b in range(batch_size):
-        i = int(rng.integers(len(samples)))
-        image, label = sample_patch(samples[i], index[i], patch_zyx, rng, b >= batch_size - n_forced)
-        images.append(image)
-        labels.append(label)
-    return np.stack(images), np.stack(labels)
+def crop(array: np.ndarray, start_zyx: np.ndarray, size_zyx: tuple[int, ...]) -> np.ndarray:
+    """array[..., start:start+size] over the last three axes, zero outside the array."""
+    lead = array.shape[:-3]
+    out = np.zeros((*lead, *size_zyx), dtype=array.dtype)
+    shape = array.shape[-3:]
+    src, dst = [], []
+    for a, s, n in zip(start_zyx, size_zyx, shape, strict=True):
+        lo, hi = max(0, int(a)), min(n, int(a) + s)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - int(a), hi - int(a)))
+    out[(..., *dst)] = array[(..., *src)]
+    return out
+
+
+def sample_batch(
+    cases: list[TrainingCase],
+    batch_size: int,
+    patch_zyx: tuple[int, int, int],
+    rng: np.random.Generator,
+    *,
+    oversampling: float = 0.33,
+    margin_zyx: tuple[int, int, int] = (0, 0, 0),
+) -> Batch:
+    """A batch of crops of size patch + 2 * margin, each centred on its sampled patch."""
+    margin = np.asarray(margin_zyx)
+    region = tuple(int(p + 2 * m) for p, m in zip(patch_zyx, margin, strict=True))
+    images, labels, ids, forced = [], [], [], []
+    for _ in range(batch_size):
+        case = cases[int(rng.integers(len(cases)))]
+        centre, label = None, 0
+        if rng.random() < oversampling and case.class_locations:
+            label = int(rng.choice(sorted(case.class_locations)))
+            locations = case.class_locations[label]
+            centre = locations[int(rng.integers(len(locations)))]
+        start = patch_start(case.labels.shape, patch_zyx, rng, centre) - margin
+        images.append(crop(case.image, start, region))
+        labels.append(crop(case.labels, start, region))
+        ids.append(case.case_id)
+        forced.append(label)
+    return Batch(np.stack(images), np.stack(labels), tuple(ids), tuple(forced))
+
+
+def rank_batch_size(global_batch: int, rank: int, world: int) -> int:
+    """This rank's share of the global batch (the first ranks take one more when it does not divide)."""
+    if global_batch < world:
+        raise ValueError(f"batch size {global_batch} is smaller than the number of processes ({world})")
+    return global_batch // world + (1 if rank < global_batch % world else 0)
