@@ -49,3 +49,46 @@ def test_published_network_patch_fits_in_4_gb_fp16(tmp_path, preset):
     params = sum(p.numel() for p in backend.networks[0].parameters()) / 1e6
     print(f"\n{preset}: {params:.2f} M parameters, patch {plan.patch_zyx}, peak allocated {peak_gb:.2f} GB (fp16)")
     assert peak_gb < 4.0
+
+
+def test_logits_summed_on_the_gpu_equal_host_sums_and_budget_decides(tiny_torch_model_dir):
+    from flarebox import io
+    from flarebox.backends import load_backend
+    from flarebox.models import load_plan
+    from flarebox.preprocess import preprocess
+    from flarebox.sliding_window import predict_logits
+    from tests.conftest import REAL_CT
+
+    plan = load_plan(tiny_torch_model_dir)
+    volume = io.read_image(REAL_CT)[1]
+    data = preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, plan).data
+    backend = load_backend(plan, backend="torch", device="cuda", precision="fp16")
+    host = predict_logits(data, backend)
+    backend.reset_peak()
+    device = predict_logits(data, backend, accumulate="device")
+    np.testing.assert_allclose(device, host, rtol=1e-4, atol=1e-4)  # same fp16 tiles, float32 sums either way
+    volume_bytes = 4 * int(np.prod(data.shape[1:]))
+    assert backend.peak_bytes() >= (plan.num_classes + 1) * volume_bytes  # the sums lived on the GPU
+    assert backend.accumulation_place(data.shape[1:], 2**34) == "device"
+    assert backend.accumulation_place(data.shape[1:], backend.tile_peak_bytes()) == "host"
+
+
+def test_task1_case_within_budget_reports_peak(tmp_path):
+    """A Task 1-sized case through the Predictor: the progress notes carry the peak GPU memory, and
+    it stays within the configured budget."""
+    from flarebox import io
+    from flarebox.config import from_dict
+    from flarebox.pipeline import Predictor, Timings
+    from tests import nnunet_fixtures
+    from tests.images import ct_like, write_image
+
+    model = nnunet_fixtures.make_trained_model_folder(tmp_path / "t1", **nnunet_fixtures.FLARE_TASK1_RESENC)
+    predictor = Predictor.from_config(from_dict(
+        {"model": {"folder": str(model)},
+         "inference": {"backend": "torch", "device": "cuda", "precision": "fp16", "gpu_memory_gb": 3.5}}, tmp_path))
+    path = write_image(tmp_path / "big_0000.nii.gz", ct_like((300, 400, 400)), spacing_xyz=(0.8, 0.8, 1.0))
+    timings = Timings()
+    labels = predictor.segment(io.read_image(path)[1], timings)
+    print(f"\nTask 1 ResEnc, 300x400x400: {timings.line()}")
+    assert set(np.unique(labels)) <= {0, 1}
+    assert float(timings.notes["gpu_peak"].removesuffix("GB")) <= 3.5

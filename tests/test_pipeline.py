@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from flarebox.config import from_dict
+from flarebox.errors import ConfigError
 from flarebox.pipeline import Predictor, run_folder
 from tests.images import LPS, RAS, ct_like, oblique, write_image
 
@@ -130,3 +131,78 @@ def test_task2_predict_sh_runs_with_make(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert os.listdir(tmp_path / "out") == ["x.nii.gz"]
     assert "openvino int8" in result.stdout
+
+
+def _torch_config(folder: Path, **sections) -> dict:
+    raw = {"model": {"folder": str(folder)}, "inference": {"backend": "torch", "device": "cpu", "precision": "f32"}}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def _real_volume():
+    from flarebox import io
+    from tests.conftest import REAL_CT
+
+    return io.read_image(REAL_CT)[1]
+
+
+def test_ensemble_of_model_folders_averages_their_logits(tiny_torch_model_dir, tmp_path):
+    from flarebox.export import to_original_grid
+    from flarebox.preprocess import preprocess
+    from tests import nnunet_fixtures
+
+    volume = _real_volume()
+    single = Predictor.from_config(from_dict(_torch_config(tiny_torch_model_dir), Path.cwd()))
+    twice = Predictor.from_config(from_dict(
+        _torch_config(tiny_torch_model_dir, model={"ensemble": [str(tiny_torch_model_dir)]}), Path.cwd()))
+    assert len(twice.models) == 2
+    np.testing.assert_array_equal(twice.segment(volume), single.segment(volume))  # the mean of equals
+
+    other = nnunet_fixtures.make_trained_model_folder(tmp_path / "other", **nnunet_fixtures.TINY_PLAIN, seed=7)
+    pair = Predictor.from_config(from_dict(
+        _torch_config(tiny_torch_model_dir, model={"ensemble": [str(other)]}), Path.cwd()))
+    alone = Predictor.from_config(from_dict(_torch_config(other), Path.cwd()))
+    pre = preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, single.plan)
+    mean = (single._logits(pre.data, single.models[0], None) + alone._logits(pre.data, alone.models[0], None)) / 2
+    np.testing.assert_array_equal(pair.segment(volume), to_original_grid(mean, pre))
+
+    coarse = nnunet_fixtures.make_trained_model_folder(
+        tmp_path / "coarse", **{**nnunet_fixtures.TINY_PLAIN, "spacing_zyx_mm": (4.0, 4.0, 4.0)})
+    with pytest.raises(ConfigError, match="spacing_zyx_mm"):
+        Predictor.from_config(from_dict(
+            _torch_config(tiny_torch_model_dir, model={"ensemble": [str(coarse)]}), Path.cwd()))
+
+
+def test_postprocess_settings_apply_after_export(tiny_torch_model_dir, tmp_path):
+    """Minimum component size and gating run on the original grid, as configured; gating with the
+    model's own foreground as the gate keeps everything, an impossible size removes everything."""
+    from scipy import ndimage
+
+    volume = _real_volume()
+    plain = Predictor.from_config(from_dict(_torch_config(tiny_torch_model_dir), Path.cwd()))
+    labels = plain.segment(volume)
+    label = int(np.bincount(labels.ravel(), minlength=2)[1:].argmax() + 1)  # the commonest foreground label
+    ids, count = ndimage.label(labels == label, structure=np.ones((3, 3, 3)))
+    sizes = np.bincount(ids.ravel())[1:] * float(np.prod(volume.geometry.spacing_zyx_mm))
+    assert count >= 2
+    threshold = float(np.median(sizes)) + 1e-3
+    sized = Predictor.from_config(from_dict(_torch_config(
+        tiny_torch_model_dir, postprocess={"label": label, "min_component_mm3": threshold}), Path.cwd()))
+    sized_labels = sized.segment(volume)
+    kept = np.isin(ids, np.flatnonzero(sizes >= threshold) + 1)
+    np.testing.assert_array_equal(sized_labels == label, kept)
+    np.testing.assert_array_equal(sized_labels[labels != label], labels[labels != label])
+
+    gate = tmp_path / "gate.toml"
+    gate.write_text(f'[model]\nfolder = "{tiny_torch_model_dir}"\n[inference]\nbackend = "torch"\n')
+    gated = Predictor.from_config(from_dict(_torch_config(
+        tiny_torch_model_dir, postprocess={"label": label, "gate_config": str(gate)}), Path.cwd()))
+    np.testing.assert_array_equal(gated.segment(volume), labels)
+
+
+def test_timings_line_carries_notes():
+    from flarebox.pipeline import Timings
+
+    t = Timings({"read": 1.0, "infer": 2.5}, {"gpu_peak": "1.20GB"})
+    assert t.line() == "read 1.00s infer 2.50s | total 3.50s | gpu_peak 1.20GB"

@@ -70,3 +70,21 @@ def test_mirroring_averages_eight_flips_and_on_tile_reports_progress():
     logits = predict_logits(data, backend, mirroring=True, on_tile=lambda done, total: seen.append((done, total)))
     assert backend.calls == 8 and seen == [(1, 1)]
     np.testing.assert_allclose(logits[1], 2 * data[0] + 1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mirroring", [False, True])
+def test_device_accumulation_equals_host(mirroring):
+    """The torch accumulation path (a GPU's, run here on the CPU) sums exactly what the host path sums."""
+    torch = pytest.importorskip("torch")
+    from flarebox.backends.torch_runtime import TorchBackend
+
+    net = torch.nn.Conv3d(2, 3, 3, padding=1)
+    backend = TorchBackend([net.eval()], (8, 16, 12), 3, device="cpu")
+    data = np.random.default_rng(1).normal(size=(2, 11, 37, 30)).astype(np.float32)
+    host = predict_logits(data, backend, mirroring=mirroring)
+    device = predict_logits(data, backend, mirroring=mirroring, accumulate="device")
+    assert device.shape == host.shape == (3, 11, 37, 30)
+    np.testing.assert_allclose(device, host, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="accumulate"):
+        predict_logits(data, backend, accumulate="gpu")
+    assert backend.accumulation_place((11, 37, 30), 2**40) == "host"  # off the GPU there is no choice

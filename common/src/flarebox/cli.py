@@ -51,15 +51,11 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _warmup(args: argparse.Namespace) -> int:
     """Build the predictor once (compiling OpenVINO models into the configured cache) and run one tile."""
-    import numpy as np
-
     from flarebox.config import load_config
     from flarebox.pipeline import Predictor
 
     start = time.perf_counter()
-    predictor = Predictor.from_config(load_config(args.config))
-    tile = np.zeros((1, predictor.plan.num_input_channels, *predictor.plan.patch_zyx), np.float32)
-    predictor.backend.predict(tile)
+    Predictor.from_config(load_config(args.config)).warmup()
     logging.getLogger("flarebox").info("warm-up done in %.2fs", time.perf_counter() - start)
     return 0
 

@@ -29,6 +29,9 @@ class ModelConfig:
     configuration: str = "3d_fullres"
     folds: tuple[int, ...] = (0,)
     checkpoint: str = "checkpoint_final.pth"
+    # more model folders to ensemble with `folder` (each with all its folds; logits averaged over
+    # models). They must preprocess alike (spacing, transpose, normalisation); patches may differ.
+    ensemble: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,10 @@ class InferenceConfig:
     mirroring: bool = False
     threads: int = 0  # 0 = the runtime's default (all cores)
     cache_dir: Path | None = None  # OpenVINO compiled-model cache
+    # torch on CUDA: device memory for torch's allocations (the CUDA context, ~0.3-0.5 GB, comes on
+    # top: 3.5 keeps a process within FLARE's 4 GB). Logits are summed on the GPU when they fit in
+    # it, in host memory otherwise; see TorchBackend.accumulation_place.
+    gpu_memory_gb: float = 3.5
 
 
 @dataclass(frozen=True)
@@ -55,12 +62,23 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class PostprocessConfig:
+    """Lesion clean-up (postprocess.py); the defaults change nothing."""
+
+    label: int = 1  # the label the rules apply to
+    min_component_mm3: float = 0.0  # drop components smaller than this
+    gate_config: Path | None = None  # a task config whose model's foreground gates the label
+    gate_margin_mm: float = 10.0  # a component survives if within this distance of the gate's mask
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     name: str = "task"
     model: ModelConfig = field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
 
 def _build(cls: type, section: str, values: dict[str, Any], base: Path) -> Any:
@@ -70,8 +88,10 @@ def _build(cls: type, section: str, values: dict[str, Any], base: Path) -> Any:
         if key not in fields:
             raise ConfigError(f"[{section}] {key}: unknown key (known: {', '.join(fields)})")
         default = fields[key].default
-        if key in ("folder", "cache_dir") and value is not None:
+        if key in ("folder", "cache_dir", "gate_config") and value is not None:
             value = (base / value).resolve()
+        elif key == "ensemble":
+            value = tuple((base / v).resolve() for v in value)
         elif key == "folds":
             value = tuple(int(v) for v in value)
         elif isinstance(default, bool) and not isinstance(value, bool):
@@ -96,6 +116,11 @@ def validate(config: TaskConfig) -> TaskConfig:
         (config.preprocess.resampler in ("auto", "torch", "scipy"), "[preprocess] resampler",
          "auto, torch or scipy"),
         (len(config.model.folds) > 0, "[model] folds", "at least one fold"),
+        (inf.gpu_memory_gb > 0, "[inference] gpu_memory_gb", "positive"),
+        (config.postprocess.min_component_mm3 >= 0, "[postprocess] min_component_mm3", "zero or positive"),
+        (config.postprocess.gate_margin_mm >= 0, "[postprocess] gate_margin_mm", "zero or positive"),
+        (config.postprocess.gate_config is None or config.postprocess.gate_config.is_file(),
+         "[postprocess] gate_config", "an existing task config file"),
     ]
     for ok, key, expected in checks:
         if not ok:
@@ -119,7 +144,7 @@ def load_config(path: str | Path, **overrides: Any) -> TaskConfig:
 
 def from_dict(raw: dict[str, Any], base: Path, default_name: str = "task") -> TaskConfig:
     sections = {"model": ModelConfig, "preprocess": PreprocessConfig, "inference": InferenceConfig,
-                "export": ExportConfig}
+                "export": ExportConfig, "postprocess": PostprocessConfig}
     kwargs: dict[str, Any] = {"name": raw.get("name", default_name)}
     for key, value in raw.items():
         if key == "name":

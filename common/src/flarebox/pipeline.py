@@ -1,4 +1,4 @@
-"""The data path for one model: read -> preprocess -> infer -> export -> write, timed per stage.
+"""The data path: read -> preprocess -> infer -> export -> (postprocess) -> write, timed per stage.
 
 `Predictor.from_config` builds everything a case needs (plan, compiled network) once, in one call;
 `run_folder` applies it to a FLARE input folder, one case at a time, so one bad case never stops
@@ -17,10 +17,11 @@ import numpy as np
 
 from flarebox import io
 from flarebox.backends import load_backend
-from flarebox.config import TaskConfig
-from flarebox.errors import CaseError
+from flarebox.config import TaskConfig, load_config
+from flarebox.errors import CaseError, ConfigError
 from flarebox.export import to_original_grid
 from flarebox.models import ModelPlan, load_plan
+from flarebox.postprocess import gate_by_mask, remove_small_components
 from flarebox.preprocess import preprocess
 from flarebox.sliding_window import Backend, count_tiles, predict_logits
 
@@ -30,6 +31,7 @@ log = logging.getLogger("flarebox")
 @dataclass
 class Timings:
     stages: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # e.g. gpu_peak, shown after the times
 
     def stage(self, name: str) -> _Stage:
         return _Stage(self, name)
@@ -40,7 +42,8 @@ class Timings:
 
     def line(self) -> str:
         parts = " ".join(f"{k} {v:.2f}s" for k, v in self.stages.items())
-        return f"{parts} | total {self.total:.2f}s"
+        notes = "".join(f" | {k} {v}" for k, v in self.notes.items())
+        return f"{parts} | total {self.total:.2f}s{notes}"
 
 
 class _Stage:
@@ -64,27 +67,84 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class Predictor:
-    """A model ready to segment volumes: plan + compiled backend + settings."""
+@dataclass(frozen=True)
+class Model:
+    """One model folder ready to run: its plan and its compiled backend (all its folds)."""
 
-    def __init__(self, plan: ModelPlan, backend: Backend, config: TaskConfig) -> None:
-        self.plan, self.backend, self.config = plan, backend, config
+    plan: ModelPlan
+    backend: Backend
+
+
+def _same_preprocessing(first: ModelPlan, other: ModelPlan) -> None:
+    """Ensembled models share one preprocessed array, so they must preprocess alike."""
+    for name in ("spacing_zyx_mm", "transpose_forward", "normalizations", "use_mask_for_norm", "num_classes"):
+        if getattr(first, name) != getattr(other, name):
+            raise ConfigError(f"[model] ensemble: {other.folder} differs from {first.folder} in {name} "
+                              f"({getattr(other, name)} vs {getattr(first, name)})")
+
+
+class Predictor:
+    """Models ready to segment volumes: plans + compiled backends + settings (+ an optional gate)."""
+
+    def __init__(self, models: list[Model], config: TaskConfig, gate: Predictor | None = None) -> None:
+        self.models, self.config, self.gate = models, config, gate
+
+    @property
+    def plan(self) -> ModelPlan:
+        return self.models[0].plan
+
+    @property
+    def backend(self) -> Backend:
+        return self.models[0].backend
 
     @classmethod
     def from_config(cls, config: TaskConfig) -> Predictor:
-        plan = load_plan(config.model.folder, config.model.configuration)
+        """Everything a case needs, built once: the model (and ensemble members) and the gate's model."""
         inf = config.inference
-        backend = load_backend(
-            plan,
-            backend=inf.backend,
-            device=resolve_device(inf.device),
-            precision=inf.precision,
-            folds=config.model.folds,
-            checkpoint=config.model.checkpoint,
-            threads=inf.threads,
-            cache_dir=inf.cache_dir,
-        )
-        return cls(plan, backend, config)
+        device = resolve_device(inf.device)
+        models = []
+        for index, folder in enumerate((config.model.folder, *config.model.ensemble)):
+            plan = load_plan(folder, config.model.configuration)
+            if models:
+                _same_preprocessing(models[0].plan, plan)
+            backend = load_backend(plan, backend=inf.backend, device=device, precision=inf.precision,
+                                   folds=config.model.folds if index == 0 else plan.folds,
+                                   checkpoint=config.model.checkpoint, threads=inf.threads, cache_dir=inf.cache_dir)
+            models.append(Model(plan, backend))
+        gate = None
+        if config.postprocess.gate_config is not None:
+            gate_config = load_config(config.postprocess.gate_config)
+            if gate_config.postprocess.gate_config is not None:
+                raise ConfigError(f"[postprocess] gate_config: {config.postprocess.gate_config} has a gate of its own")
+            gate = cls.from_config(gate_config)
+        return cls(models, config, gate)
+
+    def warmup(self) -> None:
+        """One zero tile through every backend: compiles kernels, fills caches."""
+        for model in self.models:
+            tile = np.zeros((1, model.plan.num_input_channels, *model.plan.patch_zyx), np.float32)
+            model.backend.predict(tile)
+
+    def _logits(self, data: np.ndarray, model: Model, on_tile: Callable[[int, int], None] | None) -> np.ndarray:
+        """One model's sliding-window logits, summed on the GPU when they fit there, else in host
+        memory; a GPU that runs out of memory anyway (other tenants) gets the case again on the host."""
+        inf = self.config.inference
+        backend = model.backend
+        place = "host"
+        if hasattr(backend, "accumulation_place"):
+            padded = tuple(max(s, p) for s, p in zip(data.shape[1:], model.plan.patch_zyx, strict=True))
+            place = backend.accumulation_place(padded, int(inf.gpu_memory_gb * 2**30))
+        run = dict(step_size=inf.step_size, mirroring=inf.mirroring, on_tile=on_tile)
+        if place == "host":
+            return predict_logits(data, backend, **run)
+        try:
+            return predict_logits(data, backend, accumulate="device", **run)
+        except RuntimeError as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            if "out of memory" not in str(error):
+                raise
+            log.warning("GPU out of memory summing logits on the device; summing them in host memory")
+            backend.release()
+            return predict_logits(data, backend, **run)
 
     def segment(
         self, volume: io.Volume, timings: Timings | None = None, on_tile: Callable[[int, int], None] | None = None
@@ -92,6 +152,9 @@ class Predictor:
         """uint8 labels of one volume, on its own grid."""
         timings = timings if timings is not None else Timings()
         cfg = self.config
+        for model in self.models:
+            if hasattr(model.backend, "reset_peak"):
+                model.backend.reset_peak()
         with timings.stage("preprocess"):
             pre = preprocess(
                 volume.array_zyx,
@@ -101,15 +164,26 @@ class Predictor:
                 resampler=cfg.preprocess.resampler,
             )
         with timings.stage("infer"):
-            logits = predict_logits(
-                pre.data,
-                self.backend,
-                step_size=cfg.inference.step_size,
-                mirroring=cfg.inference.mirroring,
-                on_tile=on_tile,
-            )
+            logits = self._logits(pre.data, self.models[0], on_tile)
+            for model in self.models[1:]:
+                logits += self._logits(pre.data, model, on_tile)
+            if len(self.models) > 1:
+                logits /= len(self.models)
         with timings.stage("export"):
-            return to_original_grid(logits, pre, mode=cfg.export.mode, resampler=cfg.preprocess.resampler)
+            labels = to_original_grid(logits, pre, mode=cfg.export.mode, resampler=cfg.preprocess.resampler)
+        del logits
+        peaks = [p for m in self.models if hasattr(m.backend, "peak_bytes") and (p := m.backend.peak_bytes())]
+        if peaks:
+            timings.notes["gpu_peak"] = f"{max(peaks) / 2**30:.2f}GB"
+        post = cfg.postprocess
+        if post.min_component_mm3 > 0 or self.gate is not None:
+            with timings.stage("postprocess"):
+                spacing = volume.geometry.spacing_zyx_mm
+                labels = remove_small_components(labels, spacing, post.min_component_mm3, post.label)
+                if self.gate is not None and (labels == post.label).any():
+                    labels = gate_by_mask(labels, self.gate.segment(volume) > 0, spacing, post.gate_margin_mm,
+                                          post.label)
+        return labels
 
     def tiles_for(self, volume: io.Volume) -> int:
         spacing = volume.geometry.spacing_zyx_mm

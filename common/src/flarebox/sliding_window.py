@@ -96,6 +96,9 @@ def _predict_tile(backend: Backend, tile: np.ndarray, mirroring: bool) -> np.nda
     return total / (len(flips) + 1)
 
 
+ACCUMULATE = ("host", "device")
+
+
 def predict_logits(
     data: np.ndarray,
     backend: Backend,
@@ -103,23 +106,31 @@ def predict_logits(
     step_size: float = 0.5,
     mirroring: bool = False,
     on_tile: Callable[[int, int], None] | None = None,
+    accumulate: str = "host",
 ) -> np.ndarray:
     """Sliding-window logits of a preprocessed (c, z, y, x) array.
 
     step_size: tile step as a fraction of the patch (0.5 = nnU-Net default).
     mirroring: average over the 7 flips of the three axes too (8x the work).
     on_tile: called as on_tile(done, total) after each tile, for progress reporting.
-    Returns (k, z, y, x) float32 logits on the unpadded grid.
+    accumulate: 'host' sums the weighted tiles in NumPy; 'device' sums them in torch on the
+        backend's device (a GPU: no logits cross the bus per tile), for backends with
+        `predict_tensor` and `device` (TorchBackend). `TorchBackend.accumulation_place` says which fits.
+    Returns (k, z, y, x) float32 logits on the unpadded grid, in host memory.
     """
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
     patch = tuple(backend.patch_zyx)
     padded, undo = pad_to_patch(np.asarray(data, dtype=np.float32), patch)
+    slicers = list(tiles(padded.shape[1:], patch, step_size))
+    if accumulate == "device":
+        return _accumulate_on_device(padded, undo, backend, slicers, mirroring, on_tile)
     shape = padded.shape[1:]
     weights = gaussian_importance(patch)
     # float32, not nnU-Net's float16: in float16, products with the tiny weights at tile corners
     # fall below its range, which costs nnU-Net up to 2 % of the largest logit at image corners.
     accumulated = np.zeros((backend.num_classes, *shape), dtype=np.float32)
     weight_sum = np.zeros(shape, dtype=np.float32)
-    slicers = list(tiles(shape, patch, step_size))
     for done, region in enumerate(slicers, start=1):
         tile = np.ascontiguousarray(padded[(slice(None), *region)])[None]
         logits = _predict_tile(backend, tile, mirroring)
@@ -131,3 +142,34 @@ def predict_logits(
     out = accumulated[undo]
     out /= weight_sum[undo[1:]]
     return out
+
+
+def _accumulate_on_device(padded: np.ndarray, undo: tuple[slice, ...], backend, slicers: list[tuple[slice, ...]],
+                          mirroring: bool, on_tile: Callable[[int, int], None] | None) -> np.ndarray:
+    """The same weighted sum as the host path, in torch on the backend's device. The input stays in
+    host memory (a whole-body CT would take a GPU gigabyte); only tiles travel."""
+    import torch
+
+    device = backend.device
+    flips = [axes for n in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), n)] if mirroring else []
+    # inference mode: the backend returns inference tensors, and summing them in place needs it
+    with torch.inference_mode():
+        weights = torch.from_numpy(gaussian_importance(tuple(backend.patch_zyx)).copy()).to(device)
+        shape = padded.shape[1:]
+        accumulated = torch.zeros((backend.num_classes, *shape), dtype=torch.float32, device=device)
+        weight_sum = torch.zeros(shape, dtype=torch.float32, device=device)
+        source = torch.from_numpy(padded)
+        for done, region in enumerate(slicers, start=1):
+            tile = source[(slice(None), *region)][None].to(device, non_blocking=True)
+            logits = backend.predict_tensor(tile)[0]
+            for axes in flips:
+                logits += torch.flip(backend.predict_tensor(torch.flip(tile, axes))[0], [a - 1 for a in axes])
+            if flips:
+                logits /= len(flips) + 1
+            accumulated[(slice(None), *region)] += logits * weights
+            weight_sum[region] += weights
+            if on_tile is not None:
+                on_tile(done, len(slicers))
+        out = accumulated[undo]
+        out /= weight_sum[undo[1:]]
+        return out.cpu().numpy()

@@ -58,3 +58,45 @@ class TorchBackend:
 
     def predict(self, tile: np.ndarray) -> np.ndarray:
         return self.predict_tensor(torch.from_numpy(tile)).cpu().numpy()
+
+    # ---- GPU memory: measured, not guessed -------------------------------------------------------
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def tile_peak_bytes(self) -> int:
+        """Device memory one tile needs (weights, activations, workspace), measured once by running
+        a zero tile; 0 off the GPU."""
+        if not self.on_gpu:
+            return 0
+        if not hasattr(self, "_tile_peak"):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            channels = next(self.networks[0].parameters()).shape[1]  # the first conv's input channels
+            self.predict_tensor(torch.zeros((1, channels, *self.patch_zyx), device=self.device))
+            torch.cuda.synchronize(self.device)
+            self._tile_peak = int(torch.cuda.max_memory_allocated(self.device))
+        return self._tile_peak
+
+    def accumulation_place(self, padded_shape_zyx: tuple[int, ...], budget_bytes: int) -> str:
+        """'device' when the tile's own peak plus float32 sums of all classes and of the weights
+        (k + 1 volumes), with 10 % for the caching allocator's fragmentation, stay within the
+        budget; else 'host' (the GPU then only runs tiles, and logits cross the bus per tile)."""
+        if not self.on_gpu:
+            return "host"
+        volume_bytes = int(np.prod(padded_shape_zyx)) * 4
+        need = 1.1 * (self.tile_peak_bytes() + (self.num_classes + 1) * volume_bytes)
+        return "device" if need <= budget_bytes else "host"
+
+    def reset_peak(self) -> None:
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_bytes(self) -> int | None:
+        """Peak device memory allocated by torch since reset_peak (None off the GPU)."""
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.on_gpu else None
+
+    def release(self) -> None:
+        """Give cached blocks back after a case (or an out-of-memory error)."""
+        if self.on_gpu:
+            torch.cuda.empty_cache()

@@ -1,0 +1,55 @@
+"""postprocess: minimum lesion component size and organ-mask gating, measured in mm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flarebox.postprocess import gate_by_mask, remove_small_components
+
+
+def _blobs() -> np.ndarray:
+    labels = np.zeros((20, 30, 30), np.uint8)
+    labels[2:4, 2:4, 2:4] = 1  # 8 voxels
+    labels[10:14, 10:15, 10:15] = 1  # 100 voxels
+    labels[15, 25, 25] = 1  # 1 voxel
+    labels[16, 26, 26] = 1  # touches the previous one by a corner: 26-connected, one component of 2
+    labels[0:3, 20:30, 0:5] = 2  # another label: never touched
+    return labels
+
+
+@pytest.mark.parametrize(("spacing", "threshold", "kept"), [
+    ((1.0, 1.0, 1.0), 9.0, {100}),  # 8 and 2 voxels go
+    ((1.0, 1.0, 1.0), 2.0, {8, 100, 2}),  # exactly 2 mm3 survives: the rule is 'smaller than'
+    ((2.0, 1.0, 1.0), 15.0, {8, 100}),  # anisotropic: 8 voxels are 16 mm3
+])
+def test_small_components_go_by_volume_in_mm3(spacing, threshold, kept):
+    from scipy import ndimage
+
+    labels = _blobs()
+    out = remove_small_components(labels, spacing, threshold)
+    ids, n = ndimage.label(out == 1, structure=np.ones((3, 3, 3)))
+    assert {int((ids == i).sum()) for i in range(1, n + 1)} == kept
+    np.testing.assert_array_equal(out == 2, labels == 2)
+    assert labels.sum() == _blobs().sum()  # the input is not modified
+
+
+def test_zero_threshold_changes_nothing():
+    labels = _blobs()
+    np.testing.assert_array_equal(remove_small_components(labels, (1, 1, 1), 0), labels)
+
+
+def test_gate_keeps_components_within_margin_of_the_mask():
+    labels = np.zeros((10, 60, 60), np.uint8)
+    labels[4:6, 10:12, 10:12] = 1  # A: inside the organ
+    labels[4:6, 10:12, 30:32] = 1  # B: 6 voxels (3 mm at 0.5 mm) right of the organ's edge
+    labels[4:6, 50:52, 50:52] = 1  # C: far away
+    organ = np.zeros_like(labels, dtype=bool)
+    organ[2:8, 5:20, 5:25] = True  # x up to 24; B starts at x = 30
+    spacing = (2.0, 0.5, 0.5)
+    near = gate_by_mask(labels, organ, spacing, margin_mm=3.0)
+    assert near[4, 10, 10] == 1 and near[4, 10, 30] == 1 and near[4, 50, 50] == 0
+    tight = gate_by_mask(labels, organ, spacing, margin_mm=2.9)
+    assert tight[4, 10, 10] == 1 and tight[4, 10, 30] == 0 and tight[4, 50, 50] == 0
+    with pytest.raises(ValueError, match="shape"):
+        gate_by_mask(labels, organ[1:], spacing, 3.0)
