@@ -72,18 +72,18 @@ def test_mirroring_averages_eight_flips_and_on_tile_reports_progress():
     np.testing.assert_allclose(logits[1], 2 * data[0] + 1, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mirroring", [False, True])
-def test_device_accumulation_equals_host(mirroring):
+@pytest.mark.parametrize(("mirroring", "slices"), [(False, 11), (True, 11), (False, 45), (False, 5)])
+def test_device_accumulation_equals_host(mirroring, slices):
     """The torch accumulation path (a GPU's, run here on the CPU) sums exactly what the host path sums."""
     torch = pytest.importorskip("torch")
     from flarebox.backends.torch_runtime import TorchBackend
 
     net = torch.nn.Conv3d(2, 3, 3, padding=1)
     backend = TorchBackend([net.eval()], (8, 16, 12), 3, device="cpu")
-    data = np.random.default_rng(1).normal(size=(2, 11, 37, 30)).astype(np.float32)
+    data = np.random.default_rng(1).normal(size=(2, slices, 37, 30)).astype(np.float32)
     host = predict_logits(data, backend, mirroring=mirroring)
-    device = predict_logits(data, backend, mirroring=mirroring, accumulate="device")
-    assert device.shape == host.shape == (3, 11, 37, 30)
+    device = predict_logits(data, backend, mirroring=mirroring, accumulate="device")  # a band rolls down z
+    assert device.shape == host.shape == (3, slices, 37, 30)
     np.testing.assert_allclose(device, host, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="accumulate"):
         predict_logits(data, backend, accumulate="gpu")

@@ -146,30 +146,49 @@ def predict_logits(
 
 def _accumulate_on_device(padded: np.ndarray, undo: tuple[slice, ...], backend, slicers: list[tuple[slice, ...]],
                           mirroring: bool, on_tile: Callable[[int, int], None] | None) -> np.ndarray:
-    """The same weighted sum as the host path, in torch on the backend's device. The input stays in
-    host memory (a whole-body CT would take a GPU gigabyte); only tiles travel."""
+    """The same weighted sum as the host path, in torch on the backend's device, over a rolling band
+    of one patch depth: tiles come in z order, so once the next row of tiles starts at z0 every
+    slice above z0 is final; it is divided by its weights, sent to host memory once, and the band
+    moves down. Device memory is (k + 1) band volumes whatever the scan's length (a 1000-slice
+    whole-body CT included), and no logits cross the bus per tile. The input stays on the host."""
     import torch
 
-    device = backend.device
+    device, k = backend.device, backend.num_classes
+    depth = int(backend.patch_zyx[0])
+    shape = padded.shape[1:]
+    out = np.empty((k, *shape), dtype=np.float32)
     flips = [axes for n in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), n)] if mirroring else []
     # inference mode: the backend returns inference tensors, and summing them in place needs it
     with torch.inference_mode():
         weights = torch.from_numpy(gaussian_importance(tuple(backend.patch_zyx)).copy()).to(device)
-        shape = padded.shape[1:]
-        accumulated = torch.zeros((backend.num_classes, *shape), dtype=torch.float32, device=device)
-        weight_sum = torch.zeros(shape, dtype=torch.float32, device=device)
+        band = torch.zeros((k, depth, *shape[1:]), dtype=torch.float32, device=device)
+        band_weights = torch.zeros((depth, *shape[1:]), dtype=torch.float32, device=device)
         source = torch.from_numpy(padded)
+        top = 0  # the z of band[:, 0]
+
+        def flush(stop: int) -> None:  # slices top..stop are final: out, then shift the band up
+            n = stop - top
+            out[:, top:stop] = (band[:, :n] / band_weights[:n]).cpu().numpy()
+            band[:, : depth - n] = band[:, n:].clone()
+            band[:, depth - n:] = 0
+            band_weights[: depth - n] = band_weights[n:].clone()
+            band_weights[depth - n:] = 0
+
         for done, region in enumerate(slicers, start=1):
+            z0 = region[0].start
+            if z0 > top:
+                flush(z0)
+                top = z0
             tile = source[(slice(None), *region)][None].to(device, non_blocking=True)
             logits = backend.predict_tensor(tile)[0]
             for axes in flips:
                 logits += torch.flip(backend.predict_tensor(torch.flip(tile, axes))[0], [a - 1 for a in axes])
             if flips:
                 logits /= len(flips) + 1
-            accumulated[(slice(None), *region)] += logits * weights
-            weight_sum[region] += weights
+            local = (slice(0, depth), *region[1:])
+            band[(slice(None), *local)] += logits * weights
+            band_weights[local] += weights
             if on_tile is not None:
                 on_tile(done, len(slicers))
-        out = accumulated[undo]
-        out /= weight_sum[undo[1:]]
-        return out.cpu().numpy()
+        flush(shape[0])
+    return out[undo]

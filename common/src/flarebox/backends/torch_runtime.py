@@ -79,13 +79,14 @@ class TorchBackend:
         return self._tile_peak
 
     def accumulation_place(self, padded_shape_zyx: tuple[int, ...], budget_bytes: int) -> str:
-        """'device' when the tile's own peak plus float32 sums of all classes and of the weights
-        (k + 1 volumes), with 10 % for the caching allocator's fragmentation, stay within the
-        budget; else 'host' (the GPU then only runs tiles, and logits cross the bus per tile)."""
+        """'device' when the tile's own peak plus the rolling band of sums (k + 1 float32 volumes of
+        one patch depth, see sliding_window) and one band sent home, with 10 % for the caching
+        allocator's fragmentation, stay within the budget; else 'host' (the GPU then only runs tiles,
+        and logits cross the bus per tile)."""
         if not self.on_gpu:
             return "host"
-        volume_bytes = int(np.prod(padded_shape_zyx)) * 4
-        need = 1.1 * (self.tile_peak_bytes() + (self.num_classes + 1) * volume_bytes)
+        band_bytes = self.patch_zyx[0] * int(np.prod(padded_shape_zyx[1:])) * 4
+        need = 1.1 * (self.tile_peak_bytes() + (2 * self.num_classes + 1) * band_bytes)
         return "device" if need <= budget_bytes else "host"
 
     def reset_peak(self) -> None:
