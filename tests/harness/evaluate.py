@@ -122,8 +122,7 @@ def evaluate(task: str, images: Path | None, labels: Path, report: Path, *, pred
     try:
         rows, overlays = [], {}
         for case_id, case_image, reference in cases:
-            shape_zyx, spacing_zyx_mm = image_grid(case_image or reference)
-            row = CaseRow(case_id, shape_zyx, spacing_zyx_mm)
+            row = _row(case_id, case_image, reference)
             if choice.path == "predictions":
                 prediction = Path(predictions) / f"{case_id}.nii.gz"
                 prediction = prediction if prediction.is_file() else None
@@ -136,7 +135,8 @@ def evaluate(task: str, images: Path | None, labels: Path, report: Path, *, pred
                     result = run.run_local_case(case_id, case_image, task_dir=task_dir, work=work / "cases",
                                                 predictions=work / "predictions", timeout_s=timeout_s,
                                                 venv_bin=venv_bin)
-                row.failure, row.seconds, row.notes = result.failure, result.seconds, result.notes
+                row.failure, row.seconds = result.failure, result.seconds
+                row.notes += result.notes
                 row.gpu_peak_mb, row.gpu_area_mb_s = result.gpu_peak_mb, result.gpu_area_mb_s
                 row.ram_peak_mb, row.cpu_mean_pct = result.host.peak_ram_mb, result.host.mean_cpu_pct
                 if row.failure:
@@ -156,6 +156,21 @@ def evaluate(task: str, images: Path | None, labels: Path, report: Path, *, pred
     finally:
         if owned_work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _row(case_id: str, case_image: Path | None, reference: Path) -> CaseRow:
+    """A case's row with its grid from the image header, or from the reference's where the image's is
+    unreadable (a broken input is the container's to reject, and the report's to show)."""
+    note = []
+    try:
+        shape_zyx, spacing_zyx_mm = image_grid(case_image or reference)
+    except RuntimeError:
+        note = [f"{case_image.name}: header unreadable, size from the reference"]
+        try:
+            shape_zyx, spacing_zyx_mm = image_grid(reference)
+        except RuntimeError as exc:
+            raise HarnessError(f"{reference}: cannot read the reference labels") from exc
+    return CaseRow(case_id, shape_zyx, spacing_zyx_mm, notes=note)
 
 
 def _sampling_lines(choice: Choice) -> list[str]:

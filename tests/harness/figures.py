@@ -82,6 +82,22 @@ def _mid_slices(labels_zyx: np.ndarray) -> tuple[int, int]:
     return int(middle[0]), int(middle[1])
 
 
+def _image_or_black(image_path: Path | None, shape_zyx: tuple[int, ...]) -> np.ndarray:
+    """The case's image, or black where there is none (scoring only) or it is unreadable (a broken
+    case: its reference is still worth showing)."""
+    from flarebox import io
+    from flarebox.errors import CaseError
+
+    if image_path is not None:
+        try:
+            image = io.read_image(image_path)[1].array_zyx
+            if image.shape == tuple(shape_zyx):
+                return image
+        except (CaseError, RuntimeError):
+            pass
+    return np.zeros(shape_zyx, np.float32)
+
+
 def overlay(cases: Sequence[tuple[str, CaseRow, Path | None, Path | None, Path]], path: Path) -> Path:
     """Rows of (title, row, image, prediction, reference): axial and coronal mid slices, reference and
     prediction each drawn over the image; a missing prediction shows the image alone."""
@@ -97,8 +113,7 @@ def overlay(cases: Sequence[tuple[str, CaseRow, Path | None, Path | None, Path]]
     for (title, row, image_path, pred_path, ref_path), ax_row in zip(cases, axes, strict=True):
         ref_volume = io.read_image(ref_path)[1]
         reference = np.rint(ref_volume.array_zyx).astype(np.int16)
-        # scoring-only mode may have no images: the labels are then drawn on black
-        image_zyx = io.read_image(image_path)[1].array_zyx if image_path is not None else np.zeros(reference.shape)
+        image_zyx = _image_or_black(image_path, reference.shape)
         prediction = (np.rint(io.read_image(pred_path)[1].array_zyx).astype(np.int16) if pred_path is not None
                       else np.zeros_like(reference))
         z, y = _mid_slices(reference)

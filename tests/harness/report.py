@@ -109,7 +109,7 @@ def score(row: CaseRow, prediction: Path | None, reference: Path, task: str) -> 
 def flag_limits(row: CaseRow, limits: Limits) -> None:
     checks = [("time", row.seconds, limits.time_s, "s"), ("GPU", row.gpu_peak_mb, limits.gpu_mb, "MB"),
               ("RAM", row.ram_peak_mb, limits.ram_mb, "MB")]
-    row.over_limit = [f"{name} {value:.0f} > {limit:.0f} {unit}" for name, value, limit, unit in checks
+    row.over_limit = [f"{name} {value:.4g} > {limit:g} {unit}" for name, value, limit, unit in checks
                       if value is not None and limit is not None and value > limit]
 
 
@@ -181,7 +181,7 @@ def write_summary(rows: Sequence[CaseRow], task: str, limits: Limits, path: Path
     timed = [r for r in rows if r.seconds is not None]
     if timed:
         def limit(value: float | None, unit: str) -> str:
-            return f" (limit {value:.0f} {unit})" if value is not None else ""
+            return f" (limit {value:g} {unit})" if value is not None else ""
 
         lines += ["## Time and memory per case", "",
                   f"| case | voxels (z×y×x) | seconds{limit(limits.time_s, 's')} | peak GPU MB"

@@ -94,7 +94,10 @@ def local_command(task_dir: Path) -> list[str]:
 
 
 def local_env(inputs: Path, outputs: Path, venv_bin: Path) -> dict[str, str]:
-    return {**os.environ, "INPUT_DIR": str(inputs), "OUTPUT_DIR": str(outputs),
+    """`make predict`'s environment, plus this checkout's engine first on PYTHONPATH: the image would be
+    built from it, while the venv's editable install may point at another checkout."""
+    python_path = os.pathsep.join(p for p in (str(ROOT / "common" / "src"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "INPUT_DIR": str(inputs), "OUTPUT_DIR": str(outputs), "PYTHONPATH": python_path,
             "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
