@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -57,7 +58,7 @@ def choose_path(requested: str, image: str, task_dir: Path) -> Choice:
     engine = run.docker_engine_reachable()
     built = engine and run.docker_image_exists(image)
     if built:
-        command = " ".join(run.docker_command(image, Path("IN"), Path("OUT"), memory=run.memory_limit(task_dir.name),
+        command = shlex.join(run.docker_command(image, Path("IN"), Path("OUT"), memory=run.memory_limit(task_dir.name),
                                               container_name="NAME", gpu=gpu_available()))
         return Choice("docker", f"Docker, image `{image}`, per case: `{command}`")
     why = ("no Docker engine reachable" if not engine
