@@ -56,7 +56,10 @@ def test_every_case_is_a_csv_row_and_the_failure_does_not_stop_the_rest(local_ru
         shape = tuple(int(v) for v in r["shape_zyx"].split("x"))
         assert int(r["voxels"]) == math.prod(shape) > 0
         assert float(r["seconds"]) > 0.5 and float(r["ram_peak_mb"]) > 100 and float(r["cpu_mean_pct"]) > 0
-        assert r["gpu_peak_mb"] == ("" if not gpu_available() else r["gpu_peak_mb"])
+        if gpu_available():
+            assert float(r["gpu_peak_mb"]) > 0 and float(r["gpu_area_mb_s"]) > 0
+        else:
+            assert r["gpu_peak_mb"] == r["gpu_area_mb_s"] == ""  # no GPU: empty, not zero
     (broken,) = [r for r in table if r["case"] == "phantom_0100b"]
     assert broken["status"].startswith("failed: exit status")
     assert all(float(broken[f"dsc_{n}"]) == 0 and float(broken[f"nsd_{n}"]) == 0 for n in ORGAN_NAMES)
