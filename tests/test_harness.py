@@ -123,11 +123,13 @@ def test_scoring_only_gives_the_same_scores_and_fails_missing_predictions(local_
     predictions = tmp_path / "predictions"
     shutil.copytree(out / "work" / "predictions", predictions)
     (predictions / "phantom_0101.nii.gz").unlink()
+    (predictions / "phantom_0100b.nii.gz").write_bytes(b"\x1f\x8b truncated")
     scored, choice = evaluate(TASK, None, labels, tmp_path / "report", predictions=predictions)
     assert choice.path == "predictions"
     by_id = {r.case_id: r for r in scored}
     assert by_id["phantom_0100"].scores == next(r for r in rows if r.case_id == "phantom_0100").scores
-    assert by_id["phantom_0100b"].failure == "no prediction" and by_id["phantom_0101"].failure == "no prediction"
+    assert by_id["phantom_0100b"].failure.startswith("cannot score phantom_0100b.nii.gz: ")
+    assert by_id["phantom_0101"].failure == "no prediction"
     assert all(r.seconds is None for r in scored)
     table = read_csv(tmp_path / "report" / "cases.csv")
     assert [r["seconds"] for r in table] == ["", "", ""]

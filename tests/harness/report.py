@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from flarebox.errors import CaseError
 from flarebox.metrics import ORGAN_NAMES, score_files
 
 
@@ -99,7 +100,7 @@ def score(row: CaseRow, prediction: Path | None, reference: Path, task: str) -> 
         try:
             row.scores = score_files(prediction, reference, metric_task(task))
             return
-        except (ValueError, RuntimeError, OSError) as exc:
+        except (CaseError, ValueError, RuntimeError, OSError) as exc:  # e.g. a truncated output file
             row.failure = f"cannot score {prediction.name}: {str(exc).splitlines()[0][:200]}"
     if not row.failure:
         row.failure = "no prediction"
