@@ -59,7 +59,7 @@ def choose_path(requested: str, image: str, task_dir: Path) -> Choice:
     built = engine and run.docker_image_exists(image)
     if built:
         command = shlex.join(run.docker_command(image, Path("IN"), Path("OUT"), memory=run.memory_limit(task_dir.name),
-                                              container_name="NAME", gpu=gpu_available()))
+                                              container_name="NAME", gpu=run.wants_gpu(task_dir.name)))
         return Choice("docker", f"Docker, image `{image}`, per case: `{command}`")
     why = ("no Docker engine reachable" if not engine
            else f"image {image} is not built (make build TASK={task_dir.name})")

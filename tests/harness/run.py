@@ -75,6 +75,11 @@ def memory_limit(task: str) -> str:
     return "8G" if task.startswith("task2") else "28G"
 
 
+def wants_gpu(task: str) -> bool:
+    """`--gpus` for the GPU tasks where a GPU exists; Task 2 runs as the organisers' CPU analogue, without."""
+    return not task.startswith("task2") and gpu_available()
+
+
 def docker_command(image: str, inputs: Path, outputs: Path, *, memory: str, container_name: str, gpu: bool,
                    cidfile: Path | None = None) -> list[str]:
     """The organisers' command for one case (see the module docstring for the two added flags)."""
@@ -164,7 +169,7 @@ def _tail(path: Path, n_chars: int = 4000) -> str:
 def run_docker_case(case_id: str, case_image: Path, *, image: str, task: str, work: Path, predictions: Path,
                     container_name: str, timeout_s: float, gpu: bool | None = None) -> RunResult:
     """One case in a container; a container still running at `timeout_s` is killed and the case failed."""
-    gpu = gpu_available() if gpu is None else gpu
+    gpu = wants_gpu(task) if gpu is None else gpu
     inputs, outputs = _stage(case_image, work)
     cidfile = work / f"{case_id}.cid"
     cidfile.unlink(missing_ok=True)
