@@ -1,8 +1,10 @@
 """Resource sampling around one case: GPU memory of the whole device, and CPU and RAM of what runs it.
 
 GPU: every 0.1 s, used = total - free of the device, as the organisers sample it; through NVML
-(`pynvml`) when importable, else one long-lived `nvidia-smi --query-gpu=memory.used -lms 100`
-process (one process, not one per sample: starting nvidia-smi takes longer than 0.1 s on some hosts).
+(`pynvml`) when importable, else one long-lived `nvidia-smi --query-gpu=memory.total,memory.free
+-lms 100` process (one process, not one per sample: starting nvidia-smi takes longer than 0.1 s on
+some hosts). Not nvidia-smi's memory.used: it leaves out what the driver reserves (480 MB seen on an
+H100), so it reads lower than total - free.
 Peak in MB, and the area under the curve as the organisers score it: sum of samples x 0.1 s (MB*s).
 
 CPU and RAM, sampled on the same 0.1 s clock:
@@ -89,16 +91,18 @@ class GpuSampler:
 
             self._thread = threading.Thread(target=loop, daemon=True)
         elif gpu_available():
-            self.source = "nvidia-smi -lms 100"
+            self.source = "nvidia-smi (total - free) -lms 100"
             self._smi = subprocess.Popen(
-                ["nvidia-smi", f"--id={self.device_index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                ["nvidia-smi", f"--id={self.device_index}", "--query-gpu=memory.total,memory.free",
+                 "--format=csv,noheader,nounits",
                  "-lms", str(int(SAMPLE_INTERVAL_S * 1000))], stdout=subprocess.PIPE, text=True)
 
             def loop() -> None:
                 assert self._smi is not None and self._smi.stdout is not None
                 for line in self._smi.stdout:
                     if line.strip():
-                        self.samples_mb.append(float(line.strip()))
+                        total_mb, free_mb = (float(v) for v in line.split(","))
+                        self.samples_mb.append(total_mb - free_mb)
 
             self._thread = threading.Thread(target=loop, daemon=True)
         if self._thread is not None:
