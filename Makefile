@@ -2,6 +2,7 @@
 #   make predict TASK=task2_cpu_organs IN=dir OUT=dir   run a task's predict.sh locally
 #   make test                                           all tests (what CI runs)
 #   make bench                                          Task 2 speed/memory figures
+#   make evaluate TASK=... IN=images GT=labels REPORT=dir   the organisers' evaluation (PRED=dir: score only)
 #   make demo-weights                                   train and export the bundled demo models
 
 SHELL := /bin/bash
@@ -13,7 +14,7 @@ TASK ?= task2_cpu_organs
 IN ?= tests/data/inputs
 OUT ?= outputs/$(TASK)
 
-.PHONY: venv nnunet-env test lint predict bench demo-weights clean
+.PHONY: venv nnunet-env test lint predict bench evaluate demo-weights clean
 
 venv: $(VENV)/.done
 $(VENV)/.done: common/pyproject.toml common/constraints.txt
@@ -45,8 +46,18 @@ predict: venv
 bench: venv nnunet-env
 	$(PY) -m tests.bench.task2 $(BENCH_ARGS)
 
+# The organisers' evaluation (tests/harness, host-side): one container run per case with the built
+# image, or the local predict path where no engine or image is there (the report says which), timed
+# and sampled, then FLARE DSC/NSD per class; cases.csv, summary.md and PNGs in REPORT.
+# PRED=dir scores an existing folder of <case>.nii.gz instead of running anything (IN optional then).
+REPORT ?= reports/$(TASK)
+evaluate: venv
+	@test -n "$(GT)" || { echo "GT=folder of reference labels is required"; exit 2; }
+	$(PY) -m tests.harness -t $(TASK) -g "$(GT)" -r "$(REPORT)" \
+	  $(if $(PRED),-p "$(PRED)" $(if $(filter command line environment,$(origin IN)),-i "$(IN)"),-i "$(IN)") $(EVAL_ARGS)
+
 clean:
-	rm -rf outputs .pytest_cache .ruff_cache
+	rm -rf outputs reports .pytest_cache .ruff_cache
 
 # ---- Docker images -------------------------------------------------------------------------
 # Images build offline (--network none) from a pinned wheelhouse made on the host. Where no
