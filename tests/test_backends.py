@@ -91,3 +91,20 @@ def test_missing_or_stale_ir_is_refused(tiny_plan, tmp_path):
         load_backend(plan, folds=(3,))
     with pytest.raises(ConfigError, match="precision"):
         load_backend(plan, precision="fp16")
+
+
+@pytest.mark.parametrize("precision", ["f32", "int8"])
+def test_openvino_recompiles_for_a_fitted_patch(tiny_plan, real_ct_preprocessed, precision):
+    """A smaller tile runs the same weights: OpenVINO reshaped equals torch on that tile, and each
+    shape compiles once."""
+    small = (8, 32, 32)
+    ov_backend = load_backend(tiny_plan, backend="openvino", precision=precision)
+    fitted = ov_backend.for_patch(small)
+    assert fitted.patch_zyx == small and ov_backend.for_patch(small) is fitted
+    assert ov_backend.for_patch(tiny_plan.patch_zyx) is ov_backend
+    tile = np.ascontiguousarray(real_ct_preprocessed[None, :, :8, :32, :32])
+    torch_backend = load_backend(tiny_plan, backend="torch").for_patch(small)
+    ours, reference = fitted.predict(tile), torch_backend.predict(tile)
+    assert ours.shape == (1, tiny_plan.num_classes, *small)
+    tolerance = 1e-3 if precision == "f32" else 0.3  # int8: quantisation error, as for the full patch
+    assert np.abs(ours - reference).max() <= tolerance * np.abs(reference).max()

@@ -86,3 +86,25 @@ def test_preprocess_end_to_end(tiny_plan):
     norm = plan.normalizations[0]
     expected = (np.clip(100, norm.clip_low, norm.clip_high) - norm.mean) / norm.std
     np.testing.assert_allclose(pre.data, expected, rtol=1e-5)
+
+
+def test_body_crop_keeps_the_body_and_a_margin_and_export_restores_the_grid(tiny_plan):
+    from flarebox.export import to_original_grid
+
+    plan = dataclasses.replace(tiny_plan, spacing_zyx_mm=(3.0, 2.0, 2.0))
+    image = np.full((12, 60, 50), -1000, np.float32)  # air, at (3, 2, 2) mm
+    image[:, 20:40, 10:30] = 40  # the body
+    image[5, 2, 2] = -600  # noise below the threshold: not body
+    pre = preprocess(image.copy(), (3.0, 2.0, 2.0), plan, body_threshold=-500, body_margin_mm=4.0)
+    # 4 mm of margin is 2 voxels in-plane and 2 slices (ceil(4 / 3)), clipped to the image in z
+    assert pre.bbox == ((0, 12), (18, 42), (8, 32))
+    assert pre.data.shape == (1, 12, 24, 24)
+    plain = preprocess(image.copy(), (3.0, 2.0, 2.0), plan)
+    assert plain.bbox == ((0, 12), (0, 60), (0, 50))  # nnU-Net's nonzero crop never crops a CT
+    logits = np.zeros((plan.num_classes, *pre.data.shape[1:]), np.float32)
+    logits[1] = 1.0  # class 1 everywhere inside the crop
+    labels = to_original_grid(logits, pre)
+    assert labels.shape == image.shape
+    assert (labels[:, 18:42, 8:32] == 1).all() and labels.sum() == 12 * 24 * 24  # background outside
+    empty = preprocess(np.full((4, 8, 8), -1000, np.float32), (3.0, 2.0, 2.0), plan, body_threshold=-500)
+    assert empty.bbox == ((0, 4), (0, 8), (0, 8))  # no body found: nothing cropped

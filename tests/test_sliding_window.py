@@ -88,3 +88,13 @@ def test_device_accumulation_equals_host(mirroring, slices):
     with pytest.raises(ValueError, match="accumulate"):
         predict_logits(data, backend, accumulate="gpu")
     assert backend.accumulation_place((11, 37, 30), 2**40) == "host"  # off the GPU there is no choice
+
+
+def test_fitted_patch_shrinks_only_where_the_image_is_smaller():
+    from flarebox.sliding_window import fitted_patch
+
+    # Task 2's patch and strides (z divides by 8, y and x by 32); a 2.5 mm abdomen of 300 x 150 x 131
+    assert fitted_patch((300, 150, 131), (40, 224, 192), (8, 32, 32)) == (40, 160, 160)
+    assert fitted_patch((20, 300, 300), (40, 224, 192), (8, 32, 32)) == (24, 224, 192)
+    assert fitted_patch((40, 224, 192), (40, 224, 192), (8, 32, 32)) == (40, 224, 192)
+    assert fitted_patch((1, 1, 1), (40, 224, 192), (8, 32, 32)) == (8, 32, 32)

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = [("openvino", "f32"), ("openvino", "bf16"), ("openvino", "int8"), ("torch", "f32")]
+# backend:precision[:option=value,...]; options: body (crop to voxels above this HU), fit (1: fitted
+# tile), step (tile step). The last line is Task 2's shipped configuration.
+CONFIGS = ["openvino:f32", "openvino:bf16", "openvino:int8", "torch:f32", "openvino:int8:body=-500,fit=1"]
 
 
 def synthetic_ct(path: Path, slices: int, seed: int = 0) -> Path:
@@ -59,21 +61,27 @@ def run_one(args: argparse.Namespace) -> None:
     from flarebox.pipeline import Predictor, Timings
 
     t0 = time.perf_counter()
-    config = from_dict({"model": {"folder": args.model},
-                        "inference": {"backend": args.backend, "precision": args.precision},
+    options = dict(item.split("=") for item in args.options.split(",") if item)
+    inference = {"backend": args.backend, "precision": args.precision, "fit_patch": options.get("fit") == "1"}
+    if "step" in options:
+        inference["step_size"] = float(options["step"])
+    preprocess = {"body_threshold": float(options["body"])} if "body" in options else {}
+    config = from_dict({"model": {"folder": args.model}, "inference": inference, "preprocess": preprocess,
                         "export": {"mode": args.export_mode}}, Path.cwd())
     predictor = Predictor.from_config(config)
-    network_seconds = 0.0
-    predict = predictor.backend.predict
+    network_seconds, tiles = 0.0, 0
+    cls = type(predictor.backend)
+    predict = cls.predict
 
-    def timed(tile: np.ndarray) -> np.ndarray:
-        nonlocal network_seconds
+    def timed(self, tile: np.ndarray) -> np.ndarray:  # on the class: fitted-tile copies are timed too
+        nonlocal network_seconds, tiles
         start = time.perf_counter()
-        out = predict(tile)
+        out = predict(self, tile)
         network_seconds += time.perf_counter() - start
+        tiles += 1
         return out
 
-    predictor.backend.predict = timed
+    cls.predict = timed
     load = time.perf_counter() - t0
     (case,) = io.discover(Path(args.inputs))[0]
     out_dir = Path(args.out)
@@ -81,7 +89,7 @@ def run_one(args: argparse.Namespace) -> None:
     timings = Timings(stages={"load model": load})
     timings.stages.update(predictor.predict_case(case, out_dir).stages)
     print(json.dumps({"stages": timings.stages, "network": network_seconds,
-                      "tiles": predictor.tiles_for(io.read_case(case))}))
+                      "tiles": tiles}))
 
 
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
@@ -123,12 +131,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--workdir", default=str(ROOT / ".bench"))
-    parser.add_argument("--configs", nargs="+", default=[f"{b}:{p}" for b, p in CONFIGS])
+    parser.add_argument("--configs", nargs="+", default=CONFIGS)
     parser.add_argument("--export-mode", default="labels", choices=("labels", "logits"))
     parser.add_argument("--nnunet", action="store_true", help="also time nnUNetv2 predict from .venv-nnunet")
     parser.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -143,13 +152,14 @@ def main() -> None:
           f"(random weights); {os.cpu_count()} CPU threads; export mode {args.export_mode}\n", flush=True)
     rows = []
     for spec in args.configs:
-        backend, precision = spec.split(":")
+        backend, precision, options = (spec.split(":") + [""])[:3]
         cmd = [sys.executable, "-m", "tests.bench.task2", "--run-one", "--backend", backend, "--precision", precision,
+               "--options", options,
                "--model", str(model), "--inputs", str(inputs), "--out", str(workdir / f"out_{backend}_{precision}"),
                "--export-mode", args.export_mode]
         wall, rss_gb, out = measure(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
         result = json.loads(out.strip().splitlines()[-1])
-        rows.append((f"{backend} {precision}", wall, result, rss_gb))
+        rows.append((f"{backend} {precision} {options}".strip(), wall, result, rss_gb))
         print_row(*rows[-1])
     if args.nnunet:
         bench_nnunet(workdir, model, inputs)
@@ -197,7 +207,7 @@ def bench_resampling(slices: int) -> None:
 
 def print_row(name: str, wall: float, result: dict, rss_gb: float) -> None:
     stages = " ".join(f"{k} {v:.2f}" for k, v in result["stages"].items())
-    print(f"{name:14s} whole process {wall:6.2f}s | {stages} | network {result['network']:.2f}s "
+    print(f"{name:30s} whole process {wall:6.2f}s | {stages} | network {result['network']:.2f}s "
           f"({result['tiles']} tiles) | whole/network {wall / result['network']:.2f} | peak RSS {rss_gb:.2f} GB",
           flush=True)
 
@@ -209,7 +219,7 @@ def bench_nnunet(workdir: Path, model: Path, inputs: Path) -> None:
     cmd = [str(python), str(script), "--model-dir", str(model), "--fold", "0", "--predict-file", str(case),
            "--out", str(workdir / "nnunet_out.nii.gz")]
     wall, rss_gb, _ = measure(cmd)
-    print(f"{'nnUNetv2 cpu':14s} whole process {wall:6.2f}s | peak RSS {rss_gb:.2f} GB")
+    print(f"{'nnUNetv2 cpu':30s} whole process {wall:6.2f}s | peak RSS {rss_gb:.2f} GB")
 
 
 if __name__ == "__main__":

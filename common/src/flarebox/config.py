@@ -38,6 +38,10 @@ class ModelConfig:
 class PreprocessConfig:
     forced_spacing: bool = False  # 3D-CPS slice-count rule for the target spacing
     resampler: str = "auto"  # auto | torch | scipy
+    # CT only: crop to voxels above this HU (plus a margin) before anything else; unset = nnU-Net's
+    # nonzero crop only, which never crops a CT
+    body_threshold: float | None = None
+    body_margin_mm: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class InferenceConfig:
     step_size: float = 0.5
     mirroring: bool = False
     threads: int = 0  # 0 = the runtime's default (all cores)
+    fit_patch: bool = False  # shrink the tile along axes where the image is smaller than the patch
     cache_dir: Path | None = None  # OpenVINO compiled-model cache
     # torch on CUDA: device memory for torch's allocations (the CUDA context, ~0.3-0.5 GB, comes on
     # top: 3.5 keeps a process within FLARE's 4 GB). Logits are summed on the GPU when they fit in
@@ -96,7 +101,8 @@ def _build(cls: type, section: str, values: dict[str, Any], base: Path) -> Any:
             value = tuple(int(v) for v in value)
         elif isinstance(default, bool) and not isinstance(value, bool):
             raise ConfigError(f"[{section}] {key}: expected true or false, got {value!r}")
-        elif isinstance(default, float) and isinstance(value, int):
+        elif (isinstance(default, float) or key == "body_threshold") and isinstance(value, int) \
+                and not isinstance(value, bool):
             value = float(value)
         kwargs[key] = value
     if "folder" in fields and "folder" not in kwargs:
@@ -117,6 +123,7 @@ def validate(config: TaskConfig) -> TaskConfig:
          "auto, torch or scipy"),
         (len(config.model.folds) > 0, "[model] folds", "at least one fold"),
         (inf.gpu_memory_gb > 0, "[inference] gpu_memory_gb", "positive"),
+        (config.preprocess.body_margin_mm >= 0, "[preprocess] body_margin_mm", "zero or positive"),
         (config.postprocess.min_component_mm3 >= 0, "[postprocess] min_component_mm3", "zero or positive"),
         (config.postprocess.gate_margin_mm >= 0, "[postprocess] gate_margin_mm", "zero or positive"),
         (config.postprocess.gate_config is None or config.postprocess.gate_config.is_file(),

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flarebox.errors import ConfigError
 
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
@@ -58,6 +60,12 @@ class ModelPlan:
     labels: dict[str, int]
     architecture: Architecture
     folds: tuple[int, ...]
+
+    @property
+    def patch_divisor_zyx(self) -> tuple[int, int, int]:
+        """What a tile's size must divide by along each axis: the product of the network's strides."""
+        strides = np.asarray(self.architecture.kwargs["strides"], dtype=int)
+        return tuple(int(v) for v in strides.prod(axis=0))
 
     @property
     def num_input_channels(self) -> int:

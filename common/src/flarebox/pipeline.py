@@ -23,7 +23,7 @@ from flarebox.export import to_original_grid
 from flarebox.models import ModelPlan, load_plan
 from flarebox.postprocess import gate_by_mask, remove_small_components
 from flarebox.preprocess import preprocess
-from flarebox.sliding_window import Backend, count_tiles, predict_logits
+from flarebox.sliding_window import Backend, count_tiles, fitted_patch, predict_logits
 
 log = logging.getLogger("flarebox")
 
@@ -130,9 +130,12 @@ class Predictor:
         memory; a GPU that runs out of memory anyway (other tenants) gets the case again on the host."""
         inf = self.config.inference
         backend = model.backend
+        if inf.fit_patch:
+            plan = model.plan
+            backend = backend.for_patch(fitted_patch(data.shape[1:], plan.patch_zyx, plan.patch_divisor_zyx))
         place = "host"
         if hasattr(backend, "accumulation_place"):
-            padded = tuple(max(s, p) for s, p in zip(data.shape[1:], model.plan.patch_zyx, strict=True))
+            padded = tuple(max(s, p) for s, p in zip(data.shape[1:], backend.patch_zyx, strict=True))
             place = backend.accumulation_place(padded, int(inf.gpu_memory_gb * 2**30))
         run = dict(step_size=inf.step_size, mirroring=inf.mirroring, on_tile=on_tile)
         if place == "host":
@@ -162,6 +165,8 @@ class Predictor:
                 self.plan,
                 use_forced_spacing=cfg.preprocess.forced_spacing,
                 resampler=cfg.preprocess.resampler,
+                body_threshold=cfg.preprocess.body_threshold,
+                body_margin_mm=cfg.preprocess.body_margin_mm,
             )
         with timings.stage("infer"):
             logits = self._logits(pre.data, self.models[0], on_tile)

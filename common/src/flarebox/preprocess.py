@@ -6,6 +6,10 @@ the plans' `transpose_forward`; crop to the bounding box of nonzero voxels; norm
 the foreground percentiles, subtract mean, divide std; or z-score); resample to the target spacing
 (new shape = round(old spacing / new spacing * shape)). The 3D-CPS forced-spacing rule (FLARE 2022)
 is an option that changes the target spacing by slice count.
+
+One step nnU-Net lacks, optional: crop a CT to the body (voxels above a threshold in HU, plus a
+margin) before normalising. nnU-Net's nonzero crop never crops a CT (air is -1000, not 0), so the
+network otherwise spends tiles on air around the patient; export puts background there.
 """
 
 from __future__ import annotations
@@ -41,16 +45,31 @@ def forced_spacing(
     return (max(0.8, 600.0 / n_slices) * z, y, x)
 
 
-def nonzero_bbox(data: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Bounding box of voxels that are nonzero in any channel. Filling holes (as nnU-Net does for
-    its mask) never changes a bounding box, so it is skipped here."""
-    mask = np.any(data != 0, axis=0)
+def _box(mask: np.ndarray) -> tuple[tuple[int, int], ...] | None:
     box = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
         hits = np.flatnonzero(np.any(mask, axis=other))
-        box.append((int(hits[0]), int(hits[-1]) + 1) if hits.size else (0, mask.shape[axis]))
+        if not hits.size:
+            return None
+        box.append((int(hits[0]), int(hits[-1]) + 1))
     return tuple(box)
+
+
+def nonzero_bbox(data: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Bounding box of voxels that are nonzero in any channel (the whole image when none is).
+    Filling holes (as nnU-Net does for its mask) never changes a bounding box, so it is skipped."""
+    return _box(np.any(data != 0, axis=0)) or tuple((0, n) for n in data.shape[1:])
+
+
+def body_bbox(image_zyx: np.ndarray, threshold: float, margin_zyx: tuple[int, int, int]) -> tuple[tuple[int, int], ...]:
+    """Bounding box of voxels above `threshold`, grown by `margin_zyx` voxels and clipped to the
+    image; the whole image when none is above it."""
+    box = _box(image_zyx > threshold)
+    if box is None:
+        return tuple((0, n) for n in image_zyx.shape)
+    return tuple((max(a - m, 0), min(b + m, n)) for (a, b), m, n in zip(box, margin_zyx, image_zyx.shape,
+                                                                        strict=True))
 
 
 def normalize(data: np.ndarray, norm: Normalization, mask: np.ndarray | None = None) -> np.ndarray:
@@ -86,12 +105,16 @@ def preprocess(
     *,
     use_forced_spacing: bool = False,
     resampler: str = "auto",
+    body_threshold: float | None = None,
+    body_margin_mm: float = 10.0,
 ) -> Preprocessed:
     """Transpose, crop, normalise and resample one single-channel image for `plan`'s network.
 
     image_zyx: float32, modified in place when possible (callers hand over ownership).
     use_forced_spacing: apply the 3D-CPS slice-count rule to the plan's spacing.
     resampler: 'auto' (torch when installed), 'torch' or 'scipy'.
+    body_threshold: crop further to voxels above this raw intensity (CT: HU, e.g. -500), grown by
+        body_margin_mm; None keeps nnU-Net's nonzero crop only.
     """
     if plan.num_input_channels != 1:
         raise ValueError("only single-channel models are supported")
@@ -101,6 +124,11 @@ def preprocess(
     shape_before_crop = tuple(data.shape[1:])
 
     bbox = nonzero_bbox(data)
+    if body_threshold is not None:
+        inner = data[(0, *(slice(a, b) for a, b in bbox))]
+        margin = tuple(int(np.ceil(body_margin_mm / s)) for s in spacing)
+        body = body_bbox(inner, body_threshold, margin)
+        bbox = tuple((a + c, a + d) for (a, _), (c, d) in zip(bbox, body, strict=True))
     data = data[(slice(None), *(slice(a, b) for a, b in bbox))]
     data = np.array(data, dtype=np.float32, order="C")  # own a contiguous copy before in-place work
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -61,17 +62,34 @@ class OpenVINOBackend:
         }
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
+        self._core, self._paths, self._config = core, paths, config
         self._requests = [self._compile(core, p, config).create_infer_request() for p in paths]
+        self._by_patch: dict[tuple[int, int, int], OpenVINOBackend] = {tuple(self.patch_zyx): self}
 
     @staticmethod
-    def _compile(core: ov.Core, path: Path, config: dict[str, object]) -> ov.CompiledModel:
+    def _compile(core: ov.Core, model: Path | ov.Model, config: dict[str, object]) -> ov.CompiledModel:
+        source = str(model) if isinstance(model, Path) else model
         try:
-            return core.compile_model(str(path), "CPU", config)
+            return core.compile_model(source, "CPU", config)
         except RuntimeError:
             # A cache made on another CPU cannot be rewritten on a read-only file system: compile
             # without it rather than fail the case.
             core.set_property({"CACHE_DIR": ""})
-            return core.compile_model(str(path), "CPU", config)
+            return core.compile_model(source, "CPU", config)
+
+    def for_patch(self, patch_zyx: tuple[int, int, int]) -> OpenVINOBackend:
+        """The same model compiled for another tile shape (once per shape; the compiled-model cache
+        keeps it across runs where it is writable)."""
+        patch_zyx = tuple(int(p) for p in patch_zyx)
+        if patch_zyx not in self._by_patch:
+            other = copy.copy(self)  # shares the core, the settings and this table of shapes
+            other.patch_zyx, other._requests = patch_zyx, []
+            for path in self._paths:
+                model = self._core.read_model(str(path))
+                model.reshape({0: [1, model.inputs[0].partial_shape[1].get_length(), *patch_zyx]})
+                other._requests.append(self._compile(self._core, model, self._config).create_infer_request())
+            self._by_patch[patch_zyx] = other
+        return self._by_patch[patch_zyx]
 
     def predict(self, tile: np.ndarray) -> np.ndarray:
         # infer() hands back a fresh array per call, so one fold needs no further copy.

@@ -59,6 +59,14 @@ class TorchBackend:
     def predict(self, tile: np.ndarray) -> np.ndarray:
         return self.predict_tensor(torch.from_numpy(tile)).cpu().numpy()
 
+    def for_patch(self, patch_zyx: tuple[int, int, int]) -> TorchBackend:
+        """The same networks for another tile shape (a convolutional network takes any size its
+        strides divide)."""
+        if tuple(patch_zyx) == self.patch_zyx:
+            return self
+        return TorchBackend(self.networks, tuple(patch_zyx), self.num_classes, device=str(self.device),
+                            precision=self.precision)
+
     # ---- GPU memory: measured, not guessed -------------------------------------------------------
     @property
     def on_gpu(self) -> bool:
