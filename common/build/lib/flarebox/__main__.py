@@ -1,3 +1,0 @@
-from flarebox.cli import main
-
-raise SystemExit(main())
