@@ -98,3 +98,17 @@ def test_fitted_patch_shrinks_only_where_the_image_is_smaller():
     assert fitted_patch((20, 300, 300), (40, 224, 192), (8, 32, 32)) == (24, 224, 192)
     assert fitted_patch((40, 224, 192), (40, 224, 192), (8, 32, 32)) == (40, 224, 192)
     assert fitted_patch((1, 1, 1), (40, 224, 192), (8, 32, 32)) == (8, 32, 32)
+
+
+@pytest.mark.parametrize("accumulate", ["host", "device"])
+def test_labels_are_the_argmax_of_the_logits_without_holding_them(accumulate):
+    torch = pytest.importorskip("torch")
+    from flarebox.backends.torch_runtime import TorchBackend
+
+    torch.manual_seed(0)
+    backend = TorchBackend([torch.nn.Conv3d(1, 4, 3, padding=1).eval()], (8, 16, 16), 4, device="cpu")
+    data = np.random.default_rng(2).normal(size=(1, 29, 40, 21)).astype(np.float32)
+    logits = predict_logits(data, backend, accumulate=accumulate)
+    labels = predict_logits(data, backend, accumulate=accumulate, labels=True)
+    assert labels.dtype == np.uint8 and labels.shape == (29, 40, 21)
+    np.testing.assert_array_equal(labels, logits.argmax(0))

@@ -46,25 +46,29 @@ def _logits_to_labels_trilinear(
 
 
 def to_original_grid(
-    logits: np.ndarray,
+    prediction: np.ndarray,
     pre: Preprocessed,
     *,
     mode: str = "labels",
     resampler: str = "auto",
     slab: int = 8,
 ) -> np.ndarray:
-    """(k, z, y, x) logits on the preprocessed grid -> uint8 labels on the original (z, y, x) grid.
+    """(k, z, y, x) logits, or (z, y, x) labels already argmaxed, on the preprocessed grid -> uint8
+    labels on the original (z, y, x) grid.
 
-    mode: 'labels' (fast, nearest) or 'logits' (smooth, trilinear on logits); see module docstring.
+    mode: 'labels' (fast, nearest) or 'logits' (smooth, trilinear on logits; needs logits); see the
+        module docstring.
     resampler: engine for the 'logits' mode ('auto', 'torch', 'scipy').
     slab: output slices per step in 'logits' mode (memory ~ k * slab * y * x * 4 bytes).
     """
     cropped_shape = tuple(b - a for a, b in pre.bbox)
     if mode == "labels":
-        low_res = np.argmax(logits, axis=0).astype(np.uint8)
-        cropped = resize_nearest(low_res, cropped_shape)
+        low_res = prediction if prediction.ndim == 3 else np.argmax(prediction, axis=0)
+        cropped = resize_nearest(low_res.astype(np.uint8, copy=False), cropped_shape)
     elif mode == "logits":
-        cropped = _logits_to_labels_trilinear(logits, cropped_shape, resampler, slab)
+        if prediction.ndim != 4:
+            raise ValueError("export mode 'logits' needs (k, z, y, x) logits, not labels")
+        cropped = _logits_to_labels_trilinear(prediction, cropped_shape, resampler, slab)
     else:
         raise ValueError(f"export mode {mode!r} is not one of {EXPORT_MODES}")
     if cropped_shape == pre.shape_before_crop:

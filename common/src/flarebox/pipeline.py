@@ -125,9 +125,11 @@ class Predictor:
             tile = np.zeros((1, model.plan.num_input_channels, *model.plan.patch_zyx), np.float32)
             model.backend.predict(tile)
 
-    def _logits(self, data: np.ndarray, model: Model, on_tile: Callable[[int, int], None] | None) -> np.ndarray:
-        """One model's sliding-window logits, summed on the GPU when they fit there, else in host
-        memory; a GPU that runs out of memory anyway (other tenants) gets the case again on the host."""
+    def _logits(self, data: np.ndarray, model: Model, on_tile: Callable[[int, int], None] | None,
+                labels: bool = False) -> np.ndarray:
+        """One model's sliding-window logits (or labels), summed on the GPU when they fit there,
+        else in host memory; a GPU that runs out of memory anyway (other tenants) gets the case
+        again on the host."""
         inf = self.config.inference
         backend = model.backend
         if inf.fit_patch:
@@ -137,7 +139,7 @@ class Predictor:
         if hasattr(backend, "accumulation_place"):
             padded = tuple(max(s, p) for s, p in zip(data.shape[1:], backend.patch_zyx, strict=True))
             place = backend.accumulation_place(padded, int(inf.gpu_memory_gb * 2**30))
-        run = dict(step_size=inf.step_size, mirroring=inf.mirroring, on_tile=on_tile)
+        run = dict(step_size=inf.step_size, mirroring=inf.mirroring, on_tile=on_tile, labels=labels)
         if place == "host":
             return predict_logits(data, backend, **run)
         try:
@@ -169,14 +171,16 @@ class Predictor:
                 body_margin_mm=cfg.preprocess.body_margin_mm,
             )
         with timings.stage("infer"):
-            logits = self._logits(pre.data, self.models[0], on_tile)
+            # one model exported as labels: the sliding window hands back labels, never all logits
+            as_labels = len(self.models) == 1 and cfg.export.mode == "labels"
+            prediction = self._logits(pre.data, self.models[0], on_tile, labels=as_labels)
             for model in self.models[1:]:
-                logits += self._logits(pre.data, model, on_tile)
+                prediction += self._logits(pre.data, model, on_tile)
             if len(self.models) > 1:
-                logits /= len(self.models)
+                prediction /= len(self.models)
         with timings.stage("export"):
-            labels = to_original_grid(logits, pre, mode=cfg.export.mode, resampler=cfg.preprocess.resampler)
-        del logits
+            labels = to_original_grid(prediction, pre, mode=cfg.export.mode, resampler=cfg.preprocess.resampler)
+        del prediction
         peaks = [p for m in self.models if hasattr(m.backend, "peak_bytes") and (p := m.backend.peak_bytes())]
         if peaks:
             timings.notes["gpu_peak"] = f"{max(peaks) / 2**30:.2f}GB"

@@ -93,16 +93,70 @@ def count_tiles(shape_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], step_siz
     return int(np.prod([len(s) for s in tile_starts(tuple(padded), patch_zyx, step_size)]))
 
 
-def _predict_tile(backend: Backend, tile: np.ndarray, mirroring: bool) -> np.ndarray:
-    logits = backend.predict(tile)[0]
-    if not mirroring:
+FLIPS = [axes for n in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), n)]  # of (b, c, z, y, x)
+
+
+class _HostArrays:
+    """NumPy: the backend takes and returns arrays (OpenVINO, or torch through predict())."""
+
+    def __init__(self, backend: Backend, padded: np.ndarray) -> None:
+        self.backend, self.source = backend, padded
+
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float32)
+
+    def from_numpy(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def tile_logits(self, region: tuple[slice, ...], mirroring: bool) -> np.ndarray:
+        tile = np.ascontiguousarray(self.source[(slice(None), *region)])[None]
+        logits = self.backend.predict(tile)[0]  # a fresh array per call (both backends): ours to change
+        for axes in FLIPS if mirroring else ():
+            logits += np.flip(self.backend.predict(np.ascontiguousarray(np.flip(tile, axes)))[0],
+                              tuple(a - 1 for a in axes))
         return logits
-    total = np.array(logits, dtype=np.float32)
-    flips = [axes for n in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), n)]
-    for axes in flips:
-        flipped = np.ascontiguousarray(np.flip(tile, axes))
-        total += np.flip(backend.predict(flipped)[0], tuple(a - 1 for a in axes))
-    return total / (len(flips) + 1)
+
+    def to_host(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def argmax(self, array: np.ndarray) -> np.ndarray:
+        return np.argmax(array, axis=0)
+
+    def copy(self, array: np.ndarray) -> np.ndarray:
+        return array.copy()
+
+
+class _DeviceArrays:
+    """torch on the backend's device (TorchBackend): tiles go up, only finished slices come back."""
+
+    def __init__(self, backend, padded: np.ndarray) -> None:
+        import torch
+
+        self.torch, self.backend, self.device = torch, backend, backend.device
+        self.source = torch.from_numpy(padded)  # stays in host memory: a whole-body CT is a GPU gigabyte
+
+    def zeros(self, shape: tuple[int, ...]):
+        return self.torch.zeros(shape, dtype=self.torch.float32, device=self.device)
+
+    def from_numpy(self, array: np.ndarray):
+        return self.torch.from_numpy(array.copy()).to(self.device)
+
+    def tile_logits(self, region: tuple[slice, ...], mirroring: bool):
+        flip = self.torch.flip
+        tile = self.source[(slice(None), *region)][None].to(self.device, non_blocking=True)
+        logits = self.backend.predict_tensor(tile)[0]
+        for axes in FLIPS if mirroring else ():
+            logits += flip(self.backend.predict_tensor(flip(tile, axes))[0], [a - 1 for a in axes])
+        return logits
+
+    def to_host(self, tensor) -> np.ndarray:
+        return tensor.cpu().numpy()
+
+    def argmax(self, tensor):
+        return tensor.argmax(0)
+
+    def copy(self, tensor):
+        return tensor.clone()
 
 
 ACCUMULATE = ("host", "device")
@@ -116,8 +170,9 @@ def predict_logits(
     mirroring: bool = False,
     on_tile: Callable[[int, int], None] | None = None,
     accumulate: str = "host",
+    labels: bool = False,
 ) -> np.ndarray:
-    """Sliding-window logits of a preprocessed (c, z, y, x) array.
+    """Sliding-window logits (or labels) of a preprocessed (c, z, y, x) array.
 
     step_size: tile step as a fraction of the patch (0.5 = nnU-Net default).
     mirroring: average over the 7 flips of the three axes too (8x the work).
@@ -125,7 +180,14 @@ def predict_logits(
     accumulate: 'host' sums the weighted tiles in NumPy; 'device' sums them in torch on the
         backend's device (a GPU: no logits cross the bus per tile), for backends with
         `predict_tensor` and `device` (TorchBackend). `TorchBackend.accumulation_place` says which fits.
-    Returns (k, z, y, x) float32 logits on the unpadded grid, in host memory.
+    labels: return the argmax (uint8) instead of the logits: the full (k, z, y, x) logits never
+        exist then, only one band of them.
+    Returns (k, z, y, x) float32 logits, or (z, y, x) uint8 labels, on the unpadded grid, in host memory.
+
+    Tiles come in z order, so once a row of tiles starting at z0 begins, every slice above z0 is
+    final. The weighted sums live in a band one patch deep that rolls down the volume: finished
+    slices are divided by their summed weights (or reduced to labels) and leave the band, which
+    holds (k + 1) band volumes whatever the scan's length, on the host or on the GPU.
     """
     if accumulate not in ACCUMULATE:
         raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
@@ -133,71 +195,52 @@ def predict_logits(
     padded, undo = pad_to_patch(np.asarray(data, dtype=np.float32), patch)
     slicers = list(tiles(padded.shape[1:], patch, step_size))
     if accumulate == "device":
-        return _accumulate_on_device(padded, undo, backend, slicers, mirroring, on_tile)
-    shape = padded.shape[1:]
-    weights = gaussian_importance(patch)
-    # float32, not nnU-Net's float16: in float16, products with the tiny weights at tile corners
+        import torch
+
+        # inference mode: the backend returns inference tensors, and summing them in place needs it
+        with torch.inference_mode():
+            out = _band_sums(_DeviceArrays(backend, padded), backend, padded.shape[1:], slicers, mirroring, labels,
+                             on_tile)
+    else:
+        out = _band_sums(_HostArrays(backend, padded), backend, padded.shape[1:], slicers, mirroring, labels, on_tile)
+    return out[undo[1:]] if labels else out[undo]
+
+
+def _band_sums(arrays, backend: Backend, shape: tuple[int, ...], slicers: list[tuple[slice, ...]], mirroring: bool,
+               labels: bool, on_tile: Callable[[int, int], None] | None) -> np.ndarray:
+    k, depth = backend.num_classes, int(backend.patch_zyx[0])
+    out = np.empty(shape, dtype=np.uint8) if labels else np.empty((k, *shape), dtype=np.float32)
+    # float32 sums, not nnU-Net's float16: in float16, products with the tiny weights at tile corners
     # fall below its range, which costs nnU-Net up to 2 % of the largest logit at image corners.
-    accumulated = np.zeros((backend.num_classes, *shape), dtype=np.float32)
-    weight_sum = np.zeros(shape, dtype=np.float32)
+    weights = arrays.from_numpy(gaussian_importance(tuple(backend.patch_zyx)))
+    # the logits' weights: with mirroring the tile's logits are a sum over 8 flips, whose mean this takes
+    logit_weights = weights / (len(FLIPS) + 1) if mirroring else weights
+    band = arrays.zeros((k, depth, *shape[1:]))
+    band_weights = arrays.zeros((depth, *shape[1:]))
+    top = 0  # the z of band[:, 0]
+
+    def flush(stop: int) -> None:  # slices top..stop are final: out, then shift the band up by n
+        n = stop - top
+        if labels:  # argmax needs no division: a voxel's weight sum scales all its classes alike
+            out[top:stop] = arrays.to_host(arrays.argmax(band[:, :n]))
+        else:
+            out[:, top:stop] = arrays.to_host(band[:, :n] / band_weights[:n])
+        band[:, : depth - n] = arrays.copy(band[:, n:])
+        band[:, depth - n:] = 0
+        band_weights[: depth - n] = arrays.copy(band_weights[n:])
+        band_weights[depth - n:] = 0
+
     for done, region in enumerate(slicers, start=1):
-        tile = np.ascontiguousarray(padded[(slice(None), *region)])[None]
-        logits = _predict_tile(backend, tile, mirroring)
-        logits *= weights
-        accumulated[(slice(None), *region)] += logits
-        weight_sum[region] += weights
+        z0 = region[0].start
+        if z0 > top:
+            flush(z0)
+            top = z0
+        logits = arrays.tile_logits(region, mirroring)
+        logits *= logit_weights
+        local = (slice(0, depth), *region[1:])
+        band[(slice(None), *local)] += logits
+        band_weights[local] += weights
         if on_tile is not None:
             on_tile(done, len(slicers))
-    out = accumulated[undo]
-    out /= weight_sum[undo[1:]]
+    flush(shape[0])
     return out
-
-
-def _accumulate_on_device(padded: np.ndarray, undo: tuple[slice, ...], backend, slicers: list[tuple[slice, ...]],
-                          mirroring: bool, on_tile: Callable[[int, int], None] | None) -> np.ndarray:
-    """The same weighted sum as the host path, in torch on the backend's device, over a rolling band
-    of one patch depth: tiles come in z order, so once the next row of tiles starts at z0 every
-    slice above z0 is final; it is divided by its weights, sent to host memory once, and the band
-    moves down. Device memory is (k + 1) band volumes whatever the scan's length (a 1000-slice
-    whole-body CT included), and no logits cross the bus per tile. The input stays on the host."""
-    import torch
-
-    device, k = backend.device, backend.num_classes
-    depth = int(backend.patch_zyx[0])
-    shape = padded.shape[1:]
-    out = np.empty((k, *shape), dtype=np.float32)
-    flips = [axes for n in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), n)] if mirroring else []
-    # inference mode: the backend returns inference tensors, and summing them in place needs it
-    with torch.inference_mode():
-        weights = torch.from_numpy(gaussian_importance(tuple(backend.patch_zyx)).copy()).to(device)
-        band = torch.zeros((k, depth, *shape[1:]), dtype=torch.float32, device=device)
-        band_weights = torch.zeros((depth, *shape[1:]), dtype=torch.float32, device=device)
-        source = torch.from_numpy(padded)
-        top = 0  # the z of band[:, 0]
-
-        def flush(stop: int) -> None:  # slices top..stop are final: out, then shift the band up
-            n = stop - top
-            out[:, top:stop] = (band[:, :n] / band_weights[:n]).cpu().numpy()
-            band[:, : depth - n] = band[:, n:].clone()
-            band[:, depth - n:] = 0
-            band_weights[: depth - n] = band_weights[n:].clone()
-            band_weights[depth - n:] = 0
-
-        for done, region in enumerate(slicers, start=1):
-            z0 = region[0].start
-            if z0 > top:
-                flush(z0)
-                top = z0
-            tile = source[(slice(None), *region)][None].to(device, non_blocking=True)
-            logits = backend.predict_tensor(tile)[0]
-            for axes in flips:
-                logits += torch.flip(backend.predict_tensor(torch.flip(tile, axes))[0], [a - 1 for a in axes])
-            if flips:
-                logits /= len(flips) + 1
-            local = (slice(0, depth), *region[1:])
-            band[(slice(None), *local)] += logits * weights
-            band_weights[local] += weights
-            if on_tile is not None:
-                on_tile(done, len(slicers))
-        flush(shape[0])
-    return out[undo]
