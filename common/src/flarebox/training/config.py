@@ -63,6 +63,7 @@ class TrainConfig:
     # validation: held-out cases of this fold, scored with the FLARE metrics every few epochs
     validation_cases: int = 2
     validate_every_epochs: int = 10
+    validation_step: float = 0.5  # sliding-window step when validating (1.0: ~4-8x fewer tiles in 3D)
     save_every_epochs: int = 50  # checkpoint_latest.pth, for --continue
     time_limit_minutes: float = 0.0  # stop early (and save) when reached; 0 = no limit
     seed: int = 0
@@ -161,6 +162,7 @@ def _validate_train(c: TrainConfig) -> None:
         ("mirror_axes", all(a in (0, 1, 2) for a in c.mirror_axes), "axes are 0 (z), 1 (y), 2 (x)"),
         ("patch_zyx", c.patch_zyx is None or (len(c.patch_zyx) == 3 and min(c.patch_zyx) > 0), "3 positive sizes"),
         ("validate_every_epochs", c.validate_every_epochs >= 1, "must be at least 1"),
+        ("validation_step", 0 < c.validation_step <= 1, "must be in (0, 1]"),
         ("partial_labels", all(all(k > 0 for k in ks) for _, ks in c.partial_labels), "classes are labels > 0"),
     ]
     for key, ok, reason in checks:

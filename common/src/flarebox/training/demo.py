@@ -103,7 +103,9 @@ DEMO_TRAINING = dict(
     foreground_oversampling=0.5,  # more foreground per step: every step counts when there are few
     rotation_deg=15.0, scale_range=(0.85, 1.25),  # milder: phantoms vary less than scanners
     intensity_augmentation=False,  # phantoms' intensities are the distribution held-out cases come from
-    validation_cases=2, validate_every_epochs=4, device="cpu",
+    # validation runs whole cases through the sliding window on the CPU (minutes each with small
+    # patches): every 8 epochs and at the end, with a step of one patch
+    validation_cases=2, validate_every_epochs=8, validation_step=1.0, device="cpu",
 )
 
 

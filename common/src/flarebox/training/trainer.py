@@ -326,7 +326,7 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
         last = epoch + 1 >= config.epochs or progress >= 1.0
         scores = None
         if procs.rank == 0 and val_cases and ((epoch + 1) % config.validate_every_epochs == 0 or last):
-            scores = validate(network, val_cases, plan, procs.device)
+            scores = validate(network, val_cases, plan, procs.device, step_size=config.validation_step)
             best_ema = scores.mean_dsc if best_ema is None else 0.9 * best_ema + 0.1 * scores.mean_dsc
             history["mean_fg_dice"].append(scores.mean_dsc)
             history["ema_fg_dice"].append(best_ema)
