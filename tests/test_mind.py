@@ -140,3 +140,98 @@ def test_cuda_matches_cpu(mri_phantom):
     on_gpu = mind_ssc(image.cuda(), spacing)
     assert on_gpu.device.type == "cuda"
     assert float((on_gpu.cpu() - mind_ssc(image, spacing)).abs().max()) < 1e-4
+
+
+# ---- the engine's MIND feature mode -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mind_model_dir(tmp_path_factory):
+    """A tiny 12-channel (MIND-SSC) model folder with random weights, as the trainer writes it."""
+    from flarebox.models import build_network, load_plan, save_checkpoint
+    from flarebox.phantoms import ORGAN_LABELS
+    from flarebox.training.config import NetworkSpec
+    from flarebox.training.plans import write_plans
+
+    folder = tmp_path_factory.mktemp("mind_model")
+    spec = NetworkSpec(features_per_stage=(4, 8, 16), strides_zyx=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
+                       kernel_sizes_zyx=((3, 3, 3),) * 3, blocks_per_stage=(1, 1, 1),
+                       spacing_zyx_mm=(6.0, 6.0, 6.0), patch_zyx=(16, 32, 32),
+                       normalization="ZScoreNormalization", input_features="mind")
+    write_plans(folder, spec, ORGAN_LABELS, channel_name="CT")
+    torch.manual_seed(0)
+    save_checkpoint(build_network(load_plan(folder)), folder / "fold_0" / "checkpoint_final.pth")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mri_file(tmp_path_factory):
+    from flarebox.phantoms import generate_case, write_case
+
+    phantom = generate_case(5, modality="t2", spacing_zyx_mm=(5.0, 4.0, 4.0), orientation="ras")
+    return write_case(phantom, tmp_path_factory.mktemp("mri"), None, "mri_0001")
+
+
+def test_mind_model_folder_declares_twelve_mind_channels(mind_model_dir):
+    import json
+
+    from flarebox.models import load_plan
+
+    plan = load_plan(mind_model_dir)
+    assert plan.input_features == "mind" and plan.num_input_channels == 12
+    assert {n.scheme for n in plan.normalizations} == {"ZScoreNormalization"}
+    dataset = json.loads((mind_model_dir / "dataset.json").read_text())
+    assert list(dataset["channel_names"].values()) == [f"MIND-SSC {i}" for i in range(12)]
+
+
+def test_preprocessing_for_a_mind_model_is_mind_of_the_intensity_preprocessing(mind_model_dir, mri_file):
+    import dataclasses
+
+    from flarebox import io
+    from flarebox.models import load_plan
+    from flarebox.preprocess import preprocess
+
+    plan = load_plan(mind_model_dir)
+    volume = io.read_image(mri_file)[1]
+    pre = preprocess(volume.array_zyx.copy(), volume.geometry.spacing_zyx_mm, plan, resampler="torch")
+    intensity_plan = dataclasses.replace(plan, normalizations=plan.normalizations[:1],
+                                         use_mask_for_norm=plan.use_mask_for_norm[:1], input_features="intensity")
+    plain = preprocess(volume.array_zyx.copy(), volume.geometry.spacing_zyx_mm, intensity_plan, resampler="torch")
+    assert pre.data.shape == (12, *plain.data.shape[1:]) and pre.data.dtype == np.float32
+    expected = mind_ssc(torch.from_numpy(plain.data[0]), plan.spacing_zyx_mm).numpy()
+    assert np.allclose(pre.data, expected, atol=1e-6)
+    assert pre.bbox == plain.bbox and pre.spacing_zyx_mm == plan.spacing_zyx_mm
+
+
+def test_zero_shot_mode_segments_a_nifti_and_a_mismatched_config_fails_at_start(mind_model_dir, mri_file,
+                                                                                  tmp_path):
+    import SimpleITK as sitk
+
+    from flarebox.config import from_dict
+    from flarebox.errors import ConfigError
+    from flarebox.pipeline import Predictor, run_folder
+
+    def config(features):
+        return from_dict({"model": {"folder": str(mind_model_dir)}, "preprocess": {"features": features},
+                          "inference": {"backend": "torch", "device": "cpu"}}, tmp_path)
+
+    with pytest.raises(ConfigError, match=r"\[preprocess\] features: 'intensity'.*'mind'"):
+        Predictor.from_config(config("intensity"))
+    with pytest.raises(ConfigError, match=r"\[preprocess\] features"):
+        config("hog")
+    failures = run_folder(Predictor.from_config(config("mind")), mri_file.parent, tmp_path / "out")
+    assert failures == 0
+    written = sitk.ReadImage(str(tmp_path / "out" / "mri_0001.nii.gz"))
+    source = sitk.ReadImage(str(mri_file))
+    assert written.GetSize() == source.GetSize() and written.GetDirection() == source.GetDirection()
+    assert sitk.GetArrayFromImage(written).max() <= 13
+
+
+def test_an_intensity_model_refuses_mind_features(tiny_torch_model_dir, tmp_path):
+    from flarebox.config import from_dict
+    from flarebox.errors import ConfigError
+    from flarebox.pipeline import Predictor
+
+    config = from_dict({"model": {"folder": str(tiny_torch_model_dir)}, "preprocess": {"features": "mind"},
+                        "inference": {"backend": "torch", "device": "cpu"}}, tmp_path)
+    with pytest.raises(ConfigError, match="'intensity' input"):
+        Predictor.from_config(config)

@@ -35,6 +35,7 @@ class ModelConfig:
 class PreprocessConfig:
     forced_spacing: bool = False  # 3D-CPS slice-count rule for the target spacing
     resampler: str = "auto"  # auto | torch | scipy
+    features: str = "intensity"  # intensity | mind (12 MIND-SSC channels; the model must have been trained on them)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def validate(config: TaskConfig) -> TaskConfig:
         (config.export.mode in EXPORT_MODES, "[export] mode", f"one of {EXPORT_MODES}"),
         (config.preprocess.resampler in ("auto", "torch", "scipy"), "[preprocess] resampler",
          "auto, torch or scipy"),
+        (config.preprocess.features in ("intensity", "mind"), "[preprocess] features", "intensity or mind"),
         (len(config.model.folds) > 0, "[model] folds", "at least one fold"),
     ]
     for ok, key, expected in checks:

@@ -18,7 +18,7 @@ import numpy as np
 from flarebox import io
 from flarebox.backends import load_backend
 from flarebox.config import TaskConfig
-from flarebox.errors import CaseError
+from flarebox.errors import CaseError, ConfigError
 from flarebox.export import to_original_grid
 from flarebox.models import ModelPlan, load_plan
 from flarebox.preprocess import preprocess
@@ -73,6 +73,9 @@ class Predictor:
     @classmethod
     def from_config(cls, config: TaskConfig) -> Predictor:
         plan = load_plan(config.model.folder, config.model.configuration)
+        if plan.input_features != config.preprocess.features:
+            raise ConfigError(f"[preprocess] features: {config.preprocess.features!r}, but {plan.folder} was "
+                              f"trained on {plan.input_features!r} input")
         inf = config.inference
         backend = load_backend(
             plan,
@@ -99,6 +102,7 @@ class Predictor:
                 self.plan,
                 use_forced_spacing=cfg.preprocess.forced_spacing,
                 resampler=cfg.preprocess.resampler,
+                device=resolve_device(cfg.inference.device),
             )
         with timings.stage("infer"):
             logits = predict_logits(
