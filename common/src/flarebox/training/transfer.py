@@ -148,10 +148,11 @@ def select_complete(organ_counts: dict[str, int], min_organs: int, min_selected:
 
 def mean_scores(per_case: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
     """Mean DSC and NSD over the organs and cases."""
-    if not per_case:
-        return {"dsc": float("nan"), "nsd": float("nan"), "cases": 0}
-    return {m: float(np.mean([s[m] for case in per_case.values() for s in case.values()])) for m in ("dsc", "nsd")} | {
-        "cases": len(per_case)}
+    summary: dict[str, float] = {"cases": len(per_case)}
+    for metric in ("dsc", "nsd"):
+        values = [s[metric] for case in per_case.values() for s in case.values()]
+        summary[metric] = float(np.mean(values)) if values else float("nan")
+    return summary
 
 
 class Quality:
