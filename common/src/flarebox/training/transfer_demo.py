@@ -1,7 +1,7 @@
 """Task 3 demo weights: the transfer pipeline (flarebox.training.transfer) on phantoms, on the CPU.
 
     python -m flarebox.training.transfer_demo --out task3_mri_transfer/weights/model \
-        --mind-out task3_mri_transfer/weights/mind_model --work /tmp/task3-demo --minutes 8
+        --mind-out task3_mri_transfer/weights/mind_model --work /tmp/task3-demo
 
 Data: labelled CT phantoms; MRI-like phantom patients, each scanned as T1 and T2 of the same anatomy
 (flarebox.phantoms.generate_patient_sequences), whose labels the pipeline never sees (they only score
@@ -138,13 +138,15 @@ def markdown(scores: dict) -> str:
         lines.append("")
     sel = scores["selection"]
     topped = sel["kept"] > sel["passed"]
+    t = scores["training"]
     lines += [f"Step 3: {sel['passed']} of {sel['of']} T1 pseudo-labels held >= {sel['rule']['min_organs']} of "
               f"{N_ORGANS} organs" + (f"; relaxed: the {sel['kept']} most complete were kept (organ counts "
                                       f"{sorted((sel['organ_counts'][c] for c in sel['selected']), reverse=True)})"
                                       if topped else "") + ".", "",
               "Training: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in scores["step_seconds"].items())
-              + f"; {scores['training']['minutes_limit']:g} min limit per training, on {scores['training']['device']}; "
-              f"{scores['training']['parameters'] / 1e6:.2f} M parameters per network; network spacing "
+              + f"; {t['config']['epochs']} epochs x {t['config']['iterations_per_epoch']} steps (batch "
+              f"{t['config']['batch_size']}) or {t['minutes_limit']:g} min per training, whichever came first, on "
+              f"{t['device']}; {t['parameters'] / 1e6:.2f} M parameters per network; network spacing "
               f"{' x '.join(f'{s:g}' for s in DEMO_NETWORK.spacing_zyx_mm)} mm, patch "
               f"{'x'.join(str(p) for p in DEMO_NETWORK.patch_zyx)}.", ""]
     return "\n".join(lines)
@@ -164,7 +166,7 @@ def _copy_model(source: Path, target: Path) -> None:
 
 
 def run(out: Path, mind_out: Path | None, work: Path, *, minutes: float, n_ct: int, n_mri: int, n_held_out: int,
-        seed: int, min_organs: int, min_selected: int) -> dict:
+        seed: int, min_organs: int, min_selected: int, epochs: int = 1000) -> dict:
     start = time.perf_counter()
     ct, mri, truth = work / "ct", work / "mri", work / "mri_truth"
     held_images, held_truth = work / "held_out" / "images", work / "held_out" / "truth"
@@ -175,7 +177,7 @@ def run(out: Path, mind_out: Path | None, work: Path, *, minutes: float, n_ct: i
         (work / "data.done").write_text("phantoms written\n")
     log.info("phantoms ready in %.0fs", time.perf_counter() - start)
 
-    train = replace(TrainConfig(), **DEMO_TRAINING, time_limit_minutes=minutes, seed=seed)
+    train = replace(TrainConfig(), **{**DEMO_TRAINING, "epochs": epochs}, time_limit_minutes=minutes, seed=seed)
     config = TransferConfig(train=train, network=DEMO_NETWORK, min_organs=min_organs, min_selected=min_selected,
                             device="cpu")
     final = run_pipeline(ct, mri, work / "pipeline", config, truth)
@@ -234,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the final model (Task 3's weights/model)")
     parser.add_argument("--mind-out", help="folder for the MIND model (Task 3's weights/mind_model)")
     parser.add_argument("--work", required=True, help="phantoms, pipeline steps and caches (rerun to resume)")
-    parser.add_argument("--minutes", type=float, default=8, help="time limit of each of the four trainings")
+    parser.add_argument("--minutes", type=float, default=10, help="time limit of each of the four trainings")
+    parser.add_argument("--epochs", type=int, default=48,
+                        help="epochs of 25 steps per training, unless the time limit ends it first: a step count "
+                             "makes the four models comparable on a machine whose load changes (shared cores ran "
+                             "one step in 0.4 s idle, 4 s busy)")
     parser.add_argument("--ct-cases", type=int, default=20)
     parser.add_argument("--mri-patients", type=int, default=10, help="each gives a T1 and a T2")
     parser.add_argument("--held-out", type=int, default=5, help="held-out patients (T1 + T2 each)")
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     run(Path(args.out).resolve(), Path(args.mind_out).resolve() if args.mind_out else None, Path(args.work),
         minutes=args.minutes, n_ct=args.ct_cases, n_mri=args.mri_patients, n_held_out=args.held_out, seed=args.seed,
-        min_organs=args.min_organs, min_selected=args.min_selected)
+        min_organs=args.min_organs, min_selected=args.min_selected, epochs=args.epochs)
     return 0
 
 
