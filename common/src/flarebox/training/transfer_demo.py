@@ -102,6 +102,13 @@ def score_on(model_dir: Path, images_dir: Path, truth_dir: Path) -> dict:
             "seconds_per_case": float(np.mean(seconds))}
 
 
+def trained_epochs(model_dir: Path) -> int:
+    """Epochs the model's final checkpoint went through (a time limit may end training early)."""
+    from flarebox.training.checkpoint import load
+
+    return int(load(model_dir / "fold_0" / "checkpoint_final.pth")["current_epoch"])
+
+
 def _fmt(value: float) -> str:
     return f"{value:.3f}"
 
@@ -128,7 +135,8 @@ def markdown(scores: dict) -> str:
         lines.append(f"| mean on {sequence.upper()} | " + " | ".join(
             f"{_fmt(models[n]['by_sequence'][sequence]['dsc'])} | {_fmt(models[n]['by_sequence'][sequence]['nsd'])}"
             for n in names) + " |")
-    lines += ["", "Models: " + "; ".join(f"**{n}**: {models[n]['what']}" for n in names) + ".", ""]
+    lines += ["", "Models: " + "; ".join(f"**{n}**: {models[n]['what']} ({models[n]['epochs']} epochs)"
+                                         for n in names) + ".", ""]
     quality = scores.get("pipeline_quality", {})
     if quality:
         lines += ["Pipeline steps on the training MRI, scored against the phantoms' labels (which the pipeline "
@@ -143,7 +151,8 @@ def markdown(scores: dict) -> str:
               f"{N_ORGANS} organs" + (f"; relaxed: the {sel['kept']} most complete were kept (organ counts "
                                       f"{sorted((sel['organ_counts'][c] for c in sel['selected']), reverse=True)})"
                                       if topped else "") + ".", "",
-              "Training: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in scores["step_seconds"].items())
+              "Time per step: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in scores["step_seconds"].items())
+              + ". Epochs trained: " + ", ".join(f"{k} {v}" for k, v in scores.get("trained_epochs", {}).items())
               + f"; {t['config']['epochs']} epochs x {t['config']['iterations_per_epoch']} steps (batch "
               f"{t['config']['batch_size']}) or {t['minutes_limit']:g} min per training, whichever came first, on "
               f"{t['device']}; {t['parameters'] / 1e6:.2f} M parameters per network; network spacing "
@@ -201,7 +210,8 @@ def run(out: Path, mind_out: Path | None, work: Path, *, minutes: float, n_ct: i
     scores: dict = {"models": {}}
     for name, (folder, what) in models.items():
         log.info("scoring %s on %d held-out images", name, 2 * n_held_out)
-        scores["models"][name] = score_on(folder, held_images, held_truth) | {"what": what}
+        scores["models"][name] = score_on(folder, held_images, held_truth) | {"what": what,
+                                                                            "epochs": trained_epochs(folder)}
     quality = json.loads((work / "pipeline" / "quality.json").read_text())
     scores["pipeline_quality"] = {step: q["mean"] for step, q in quality.items()}
     scores["selection"] = json.loads((work / "pipeline" / "3_selected.json").read_text())
@@ -210,6 +220,9 @@ def run(out: Path, mind_out: Path | None, work: Path, *, minutes: float, n_ct: i
                                  "6_final_model")}
     step_seconds["CT-only model"] = float((work / "ct_only.seconds").read_text())
     scores["step_seconds"] = step_seconds
+    scores["trained_epochs"] = {name: trained_epochs(folder) for name, folder in (
+        ("1_mind_model", work / "pipeline" / "1_mind_model"), ("4_t1_model", work / "pipeline" / "4_t1_model"),
+        ("6_final_model", final), ("CT-only model", ct_only))}
     from flarebox.models import build_network, load_plan
 
     scores["training"] = {"minutes_limit": minutes, "device": train.device, "config": vars(train),
