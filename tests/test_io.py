@@ -83,3 +83,15 @@ def test_write_labels_is_atomic_and_exact(tmp_path):
     with pytest.raises(ValueError, match="do not fit"):
         io.write_labels(out.parent / "x.nii.gz", labels[:2], volume.geometry)
     assert os.listdir(out.parent) == ["in.nii.gz"]
+
+
+def test_a_float32_volume_outlives_the_itk_image_it_was_read_from(tmp_path):
+    # MRI often comes as float32; the volume must own its voxels, not view a freed ITK buffer
+    import gc
+
+    expected = np.random.default_rng(0).random((20, 30, 40), dtype=np.float32) * 500
+    path = write_image(tmp_path / "mri_0000.nii.gz", expected)
+    volume = io.read_image(path)[1]
+    gc.collect()
+    _ = [np.full((20, 30, 40), 1e12, np.float32) for _ in range(20)]  # reuse freed memory, if any
+    assert volume.array_zyx.flags.owndata and np.array_equal(volume.array_zyx, expected)

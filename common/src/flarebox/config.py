@@ -38,6 +38,7 @@ class ModelConfig:
 class PreprocessConfig:
     forced_spacing: bool = False  # 3D-CPS slice-count rule for the target spacing
     resampler: str = "auto"  # auto | torch | scipy
+    features: str = "intensity"  # intensity | mind (12 MIND-SSC channels; the model must have been trained on them)
     # CT only: crop to voxels above this HU (plus a margin) before anything else; unset = nnU-Net's
     # nonzero crop only, which never crops a CT
     body_threshold: float | None = None
@@ -121,6 +122,7 @@ def validate(config: TaskConfig) -> TaskConfig:
         (config.export.mode in EXPORT_MODES, "[export] mode", f"one of {EXPORT_MODES}"),
         (config.preprocess.resampler in ("auto", "torch", "scipy"), "[preprocess] resampler",
          "auto, torch or scipy"),
+        (config.preprocess.features in ("intensity", "mind"), "[preprocess] features", "intensity or mind"),
         (len(config.model.folds) > 0, "[model] folds", "at least one fold"),
         (inf.gpu_memory_gb > 0, "[inference] gpu_memory_gb", "positive"),
         (config.preprocess.body_margin_mm >= 0, "[preprocess] body_margin_mm", "zero or positive"),

@@ -177,7 +177,9 @@ def read_image(path: Path) -> tuple[sitk.Image, Volume]:
         direction=tuple(image.GetDirection()),
         size_xyz=tuple(image.GetSize()),
     )
-    return image, Volume(np.asarray(array, dtype=np.float32), geometry)
+    # A copy, always: the view points into `image`'s buffer, which callers that keep only the Volume
+    # free; np.asarray would not copy a float32 image (MRI often is) and left a dangling view.
+    return image, Volume(np.array(array, dtype=np.float32), geometry)
 
 
 def read_case(case: Case) -> Volume:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from flarebox.errors import ConfigError
+from flarebox.mind import CHANNEL_NAMES as MIND_CHANNEL_NAMES
 
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
@@ -60,6 +61,9 @@ class ModelPlan:
     labels: dict[str, int]
     architecture: Architecture
     folds: tuple[int, ...]
+    # What the network reads: "intensity" (the normalised image), or "mind" (12 MIND-SSC channels
+    # computed from it after resampling), told by dataset.json's channel names.
+    input_features: str = "intensity"
 
     @property
     def patch_divisor_zyx(self) -> tuple[int, int, int]:
@@ -165,6 +169,12 @@ def load_plan(folder: str | Path, configuration: str = "3d_fullres") -> ModelPla
     if any(not isinstance(v, int) for v in labels.values()):
         raise ConfigError(f"{folder}/dataset.json: region-based labels are not supported")
     folds = tuple(sorted(int(p.name.split("_")[1]) for p in folder.glob("fold_*") if p.name[5:].isdigit()))
+    channels = dataset.get("channel_names", dataset.get("modality", {}))
+    names = tuple(str(channels[k]) for k in sorted(channels, key=int))
+    features = "mind" if names == MIND_CHANNEL_NAMES else "intensity"
+    if names and len(names) != len(cfg["normalization_schemes"]):
+        raise ConfigError(f"{folder}: dataset.json names {len(names)} channels, plans.json normalises "
+                          f"{len(cfg['normalization_schemes'])}")
     return ModelPlan(
         folder=folder,
         configuration=configuration,
@@ -179,6 +189,7 @@ def load_plan(folder: str | Path, configuration: str = "3d_fullres") -> ModelPla
         labels={k: int(v) for k, v in labels.items()},
         architecture=architecture,
         folds=folds,
+        input_features=features,
     )
 
 
@@ -288,9 +299,15 @@ def write_model_folder(
     dataset_name: str = "Dataset001_Flarebox",
     batch_size: int = 2,
     num_training: int = 0,
+    channel_names: tuple[str, ...] | None = None,
 ) -> Path:
     """Write plans.json and dataset.json exactly as nnU-Net v2 (current format) writes them for a
-    `3d_fullres` configuration, so nnU-Net's own predictor and ours read the same folder."""
+    `3d_fullres` configuration, so nnU-Net's own predictor and ours read the same folder.
+
+    channel_names: several input channels (e.g. MIND-SSC's 12), all with `normalization`; default
+    one channel named `channel_name`."""
+    channel_names = channel_names or (channel_name,)
+    n_channels = len(channel_names)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data_kwargs = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
@@ -313,8 +330,8 @@ def write_model_folder(
                 "patch_size": list(patch_zyx),
                 "median_image_size_in_voxels": list(patch_zyx),
                 "spacing": list(spacing_zyx_mm),
-                "normalization_schemes": [normalization.scheme],
-                "use_mask_for_norm": [False],
+                "normalization_schemes": [normalization.scheme] * n_channels,
+                "use_mask_for_norm": [False] * n_channels,
                 "resampling_fn_data": "resample_data_or_seg_to_shape",
                 "resampling_fn_seg": "resample_data_or_seg_to_shape",
                 "resampling_fn_data_kwargs": data_kwargs,
@@ -333,8 +350,8 @@ def write_model_folder(
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": properties if normalization.scheme == "CTNormalization" else {},
     }
-    dataset = {"channel_names": {"0": channel_name}, "labels": labels, "numTraining": num_training,
-               "file_ending": ".nii.gz"}
+    dataset = {"channel_names": {str(i): name for i, name in enumerate(channel_names)}, "labels": labels,
+               "numTraining": num_training, "file_ending": ".nii.gz"}
     (folder / "plans.json").write_text(json.dumps(plans, indent=4) + "\n")
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=4) + "\n")
     return folder

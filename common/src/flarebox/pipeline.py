@@ -105,6 +105,9 @@ class Predictor:
         models = []
         for index, folder in enumerate((config.model.folder, *config.model.ensemble)):
             plan = load_plan(folder, config.model.configuration)
+            if plan.input_features != config.preprocess.features:
+                raise ConfigError(f"[preprocess] features: {config.preprocess.features!r}, but {plan.folder} was "
+                                  f"trained on {plan.input_features!r} input")
             if models:
                 _same_preprocessing(models[0].plan, plan)
             backend = load_backend(plan, backend=inf.backend, device=device, precision=inf.precision,
@@ -169,6 +172,7 @@ class Predictor:
                 resampler=cfg.preprocess.resampler,
                 body_threshold=cfg.preprocess.body_threshold,
                 body_margin_mm=cfg.preprocess.body_margin_mm,
+                device=resolve_device(cfg.inference.device),
             )
         with timings.stage("infer"):
             # one model exported as labels: the sliding window hands back labels, never all logits

@@ -5,7 +5,9 @@ spacing plus what export needs to undo every step. The steps, in nnU-Net's order
 the plans' `transpose_forward`; crop to the bounding box of nonzero voxels; normalise (CT: clip to
 the foreground percentiles, subtract mean, divide std; or z-score); resample to the target spacing
 (new shape = round(old spacing / new spacing * shape)). The 3D-CPS forced-spacing rule (FLARE 2022)
-is an option that changes the target spacing by slice count.
+is an option that changes the target spacing by slice count. A model whose plan reads MIND-SSC
+features (Task 3's zero-shot mode, `flarebox.mind`) gets its 12 descriptor channels computed from the
+normalised, resampled image as the last step: at the model's spacing, as in training.
 
 One step nnU-Net lacks, optional: crop a CT to the body (voxels above a threshold in HU, plus a
 margin) before normalising. nnU-Net's nonzero crop never crops a CT (air is -1000, not 0), so the
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from flarebox.mind import MIND_CHANNELS
 from flarebox.models import ModelPlan, Normalization
 from flarebox.resample import resize_linear
 
@@ -107,6 +110,7 @@ def preprocess(
     resampler: str = "auto",
     body_threshold: float | None = None,
     body_margin_mm: float = 10.0,
+    device: str = "cpu",
 ) -> Preprocessed:
     """Transpose, crop, normalise and resample one single-channel image for `plan`'s network.
 
@@ -115,9 +119,12 @@ def preprocess(
     resampler: 'auto' (torch when installed), 'torch' or 'scipy'.
     body_threshold: crop further to voxels above this raw intensity (CT: HU, e.g. -500), grown by
         body_margin_mm; None keeps nnU-Net's nonzero crop only.
+    device: where MIND-SSC features are computed, for a plan that reads them (cpu or cuda).
     """
-    if plan.num_input_channels != 1:
-        raise ValueError("only single-channel models are supported")
+    mind = plan.input_features == "mind"
+    if plan.num_input_channels != (MIND_CHANNELS if mind else 1):
+        raise ValueError(f"{plan.folder}: a {plan.input_features} model with {plan.num_input_channels} input "
+                         "channels is not supported")
     tf = plan.transpose_forward
     data = np.transpose(image_zyx, tf)[None]
     spacing = tuple(spacing_zyx_mm[a] for a in tf)
@@ -142,6 +149,10 @@ def preprocess(
         target = forced_spacing(spacing, target, image_zyx.shape[0])
     new_shape = target_shape(data.shape[1:], spacing, target)
     data = resize_linear(data, new_shape, engine=resampler)
+    if mind:
+        from flarebox.mind import mind_ssc_numpy
+
+        data = mind_ssc_numpy(data[0], target, device=device)
     return Preprocessed(
         data=data,
         shape_original_zyx=tuple(image_zyx.shape),

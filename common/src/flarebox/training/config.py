@@ -98,6 +98,9 @@ class NetworkSpec:
     ct_mean_hu: float = 0.0
     ct_std_hu: float = 1.0
     batch_size: int = 2  # recorded in plans.json, as nnU-Net records it
+    # intensity: the normalised image; mind: 12 MIND-SSC channels computed from it (flarebox.mind),
+    # for a model that must work across modalities (Task 3's CT-trained model applied to MRI)
+    input_features: str = "intensity"
 
     @property
     def decoder_convs(self) -> tuple[int, ...]:
@@ -179,6 +182,7 @@ def _validate_network(n: NetworkSpec) -> None:
         ("decoder_convs_per_stage", len(n.decoder_convs) == stages - 1, f"needs {stages - 1} entries"),
         ("normalization", n.normalization in ("CTNormalization", "ZScoreNormalization"),
          "CTNormalization or ZScoreNormalization"),
+        ("input_features", n.input_features in ("intensity", "mind"), "intensity or mind"),
         ("spacing_zyx_mm", len(n.spacing_zyx_mm) == 3 and min(n.spacing_zyx_mm) > 0, "3 positive spacings"),
         ("ct_std_hu", n.ct_std_hu > 0, "must be positive"),
     ]

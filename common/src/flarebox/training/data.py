@@ -73,6 +73,10 @@ def cache_key(plan: ModelPlan) -> str:
         "normalizations": [vars(n) for n in plan.normalizations],
         "use_mask_for_norm": plan.use_mask_for_norm,
     }
+    if plan.input_features == "mind":  # only then, so the keys of existing intensity caches stay valid
+        from flarebox.mind import DEFAULT_DILATION_MM, DEFAULT_SIGMA_MM
+
+        fields["mind_dilation_sigma_mm"] = (DEFAULT_DILATION_MM, DEFAULT_SIGMA_MM)
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

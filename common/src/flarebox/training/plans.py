@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from flarebox.errors import ConfigError
+from flarebox.mind import CHANNEL_NAMES as MIND_CHANNEL_NAMES
 from flarebox.models import Normalization, unet_architecture, write_model_folder
 from flarebox.training.config import NetworkSpec
 
@@ -51,6 +52,7 @@ def write_plans(
         dataset_name=dataset_name,
         batch_size=spec.batch_size,
         num_training=num_training,
+        channel_names=MIND_CHANNEL_NAMES if spec.input_features == "mind" else None,
     )
 
 
