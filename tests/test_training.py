@@ -119,6 +119,9 @@ def test_config_from_toml_with_overrides_and_errors(tmp_path):
         load_config(path, optimizer="adam")
     with pytest.raises(ConfigError, match=r"\[train\] epochs: expected an integer"):
         load_config(path, epochs=2.5)
+    assert load_config(path, validation_step=1.0)[0].validation_step == 1.0
+    with pytest.raises(ConfigError, match=r"\[train\] validation_step: must be in \(0, 1\]"):
+        load_config(path, validation_step=1.5)
     network_table = path.read_text().split("[network]")[1]
     path.write_text("[network]" + network_table.replace("patch_zyx = [16, 32, 32]", "patch_zyx = [15, 32, 32]"))
     with pytest.raises(ConfigError, match=r"\[network\] patch_zyx: \[15, 32, 32\] must be divisible by the total"):

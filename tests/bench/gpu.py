@@ -44,14 +44,15 @@ def run(task: str, preset: str, slices: list[int], in_plane: int, spacing_xyz: t
         timings = Timings()
         torch.cuda.synchronize()
         begin = time.perf_counter()
-        labels = predictor.segment(volume, timings)
+        tiles: list[int] = []
+        labels = predictor.segment(volume, timings, on_tile=lambda done, total, seen=tiles: seen.append(total))
         seconds = time.perf_counter() - begin
         backend = predictor.backend
         padded = [max(s, p) for s, p in zip(
             [round(a * b / c) for a, b, c in zip(volume.array_zyx.shape, volume.geometry.spacing_zyx_mm,
                                                   predictor.plan.spacing_zyx_mm, strict=True)],
             predictor.plan.patch_zyx, strict=True)]
-        rows.append({"task": task, "slices": n, "shape": volume.array_zyx.shape, "tiles": predictor.tiles_for(volume),
+        rows.append({"task": task, "slices": n, "shape": volume.array_zyx.shape, "tiles": tiles[-1],
                      "seconds": seconds, "stages": timings.line(), "gpu_peak_gb": backend.peak_bytes() / 2**30,
                      "tile_peak_gb": backend.tile_peak_bytes() / 2**30,
                      "place": backend.accumulation_place(tuple(padded), int(budget_gb * 2**30)),

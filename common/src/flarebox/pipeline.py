@@ -23,7 +23,7 @@ from flarebox.export import to_original_grid
 from flarebox.models import ModelPlan, load_plan
 from flarebox.postprocess import gate_by_mask, remove_small_components
 from flarebox.preprocess import preprocess
-from flarebox.sliding_window import Backend, count_tiles, fitted_patch, predict_logits
+from flarebox.sliding_window import Backend, fitted_patch, predict_logits
 
 log = logging.getLogger("flarebox")
 
@@ -197,12 +197,6 @@ class Predictor:
                     labels = gate_by_mask(labels, self.gate.segment(volume) > 0, spacing, post.gate_margin_mm,
                                           post.label)
         return labels
-
-    def tiles_for(self, volume: io.Volume) -> int:
-        spacing = volume.geometry.spacing_zyx_mm
-        shape = [int(round(n * s / t)) for n, s, t in zip(volume.array_zyx.shape, spacing, self.plan.spacing_zyx_mm,
-                                                          strict=True)]
-        return count_tiles(tuple(shape), self.plan.patch_zyx, self.config.inference.step_size)
 
     def predict_case(self, case: io.Case, output_dir: Path) -> Timings:
         timings = Timings()

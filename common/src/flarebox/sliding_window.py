@@ -88,11 +88,6 @@ def fitted_patch(shape_zyx: tuple[int, ...], patch_zyx: tuple[int, ...],
     return tuple(min(p, -(-s // d) * d) for s, p, d in zip(shape_zyx, patch_zyx, divisor_zyx, strict=True))
 
 
-def count_tiles(shape_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], step_size: float) -> int:
-    padded = [max(s, p) for s, p in zip(shape_zyx, patch_zyx, strict=True)]
-    return int(np.prod([len(s) for s in tile_starts(tuple(padded), patch_zyx, step_size)]))
-
-
 FLIPS = [axes for n in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), n)]  # of (b, c, z, y, x)
 
 
