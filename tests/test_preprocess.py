@@ -9,6 +9,8 @@ import pytest
 
 from flarebox.models import Normalization
 from flarebox.preprocess import (
+    above,
+    body_bbox,
     forced_spacing,
     nonzero_bbox,
     normalize,
@@ -43,6 +45,38 @@ def test_nonzero_bbox_ignores_holes_and_handles_empty():
     assert nonzero_bbox(np.zeros((1, 3, 4, 5))) == ((0, 3), (0, 4), (0, 5))
 
 
+def test_nonzero_bbox_of_a_volume_nonzero_on_every_face_and_of_one_voxel():
+    ct = np.full((1, 6, 7, 8), -1000, np.int16)  # CT air: each face nonzero, so no crop
+    ct[0, 3, 3, 3] = 0
+    assert nonzero_bbox(ct) == ((0, 6), (0, 7), (0, 8))
+    one = np.zeros((1, 6, 7, 8), np.int16)
+    one[0, 5, 0, 7] = 3  # touches three faces only
+    assert nonzero_bbox(one) == ((5, 6), (0, 1), (7, 8))
+    two_channels = np.zeros((2, 6, 7, 8), np.float32)
+    two_channels[0, 1, 2, 3] = two_channels[1, 4, 5, 6] = 1
+    assert nonzero_bbox(two_channels) == ((1, 5), (2, 6), (3, 7))
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("threshold", [-500.0, -500.5, 0.0, 99.5, 254.9, -1e6, 1e6])
+def test_threshold_compares_in_the_image_type_as_a_float_would(dtype, threshold):
+    values = np.array([-32768, -1000, -501, -500, -499, 0, 99, 100, 254, 255, 32767])
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else np.finfo(dtype)
+    image = np.clip(values, info.min, info.max).astype(dtype)
+    expected = image.astype(np.float64) > threshold
+    np.testing.assert_array_equal(above(image, threshold), expected)
+    if np.issubdtype(dtype, np.integer):
+        assert above(image.reshape(-1, 1, 1), threshold).dtype == bool
+
+
+def test_body_bbox_on_an_int16_ct_matches_float():
+    rng = np.random.default_rng(3)
+    ct = np.full((20, 40, 30), -1000, np.int16)
+    ct[4:15, 10:33, 5:21] = rng.integers(-300, 300, size=(11, 23, 16))
+    box = body_bbox(ct, -500.0, (1, 2, 3))
+    assert box == body_bbox(ct.astype(np.float32), -500.0, (1, 2, 3)) == ((3, 16), (8, 35), (2, 24))
+
+
 def test_target_shape_rounds_like_nnunet():
     assert target_shape((300, 512, 512), (2.5, 0.8, 0.8), (2.5, 2.5, 2.5)) == (300, 164, 164)
     assert target_shape((31, 101, 122), (3.0, 3.0, 3.0), (1.0, 0.8, 0.8)) == (93, 379, 458)
@@ -56,7 +90,7 @@ def test_forced_spacing_rule_by_slice_count():
     assert forced_spacing((1.0, 0.7, 0.7), default, 700) == pytest.approx((600 / 700 * 2.5, 0.8, 0.8))
 
 
-@pytest.mark.parametrize("engine", ["torch", "scipy"])
+@pytest.mark.parametrize("engine", ["torch", "numpy"])
 def test_linear_resize_engines_agree_and_keep_constants(engine):
     rng = np.random.default_rng(0)
     data = rng.normal(size=(2, 9, 17, 13)).astype(np.float32)
@@ -65,6 +99,19 @@ def test_linear_resize_engines_agree_and_keep_constants(engine):
     assert out.shape == (2, 5, 31, 8) and out.dtype == np.float32
     np.testing.assert_allclose(out, ref, atol=1e-4)
     np.testing.assert_allclose(resize_linear(np.full((4, 4, 4), 3.0), (7, 2, 9), engine=engine), 3.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(40, 23, 31), (97, 70, 45), (13, 150, 90), (1, 1, 1)])
+def test_numpy_resize_matches_scipy_zoom(shape):
+    # an independent implementation of the same sampling (scipy's grid_mode, edge clamped), on
+    # volumes the NumPy engine splits over threads along z or, when z itself changes, along y
+    from scipy import ndimage
+
+    data = np.random.default_rng(1).normal(size=(40, 70, 90)).astype(np.float32)
+    zoom = [o / i for o, i in zip(shape, data.shape, strict=True)]
+    expected = ndimage.zoom(data, zoom, order=1, mode="nearest", grid_mode=True, prefilter=False)
+    assert expected.shape == shape
+    np.testing.assert_allclose(resize_linear(data, shape, engine="numpy"), expected, atol=2e-5)
 
 
 def test_nearest_resize_round_trip():

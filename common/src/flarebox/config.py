@@ -37,7 +37,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class PreprocessConfig:
     forced_spacing: bool = False  # 3D-CPS slice-count rule for the target spacing
-    resampler: str = "auto"  # auto | torch | scipy
+    resampler: str = "auto"  # auto | torch | numpy
     features: str = "intensity"  # intensity | mind (12 MIND-SSC channels; the model must have been trained on them)
     # CT only: crop to voxels above this HU (plus a margin) before anything else; unset = nnU-Net's
     # nonzero crop only, which never crops a CT
@@ -120,8 +120,8 @@ def validate(config: TaskConfig) -> TaskConfig:
         (inf.device in ("cpu", "cuda", "auto"), "[inference] device", "cpu, cuda or auto"),
         (0 < inf.step_size <= 1, "[inference] step_size", "in (0, 1]"),
         (config.export.mode in EXPORT_MODES, "[export] mode", f"one of {EXPORT_MODES}"),
-        (config.preprocess.resampler in ("auto", "torch", "scipy"), "[preprocess] resampler",
-         "auto, torch or scipy"),
+        (config.preprocess.resampler in ("auto", "torch", "numpy"), "[preprocess] resampler",
+         "auto, torch or numpy"),
         (config.preprocess.features in ("intensity", "mind"), "[preprocess] features", "intensity or mind"),
         (len(config.model.folds) > 0, "[model] folds", "at least one fold"),
         (inf.gpu_memory_gb > 0, "[inference] gpu_memory_gb", "positive"),

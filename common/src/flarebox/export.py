@@ -58,7 +58,7 @@ def to_original_grid(
 
     mode: 'labels' (fast, nearest) or 'logits' (smooth, trilinear on logits; needs logits); see the
         module docstring.
-    resampler: engine for the 'logits' mode ('auto', 'torch', 'scipy').
+    resampler: engine for the 'logits' mode ('auto', 'torch', 'numpy').
     slab: output slices per step in 'logits' mode (memory ~ k * slab * y * x * 4 bytes).
     """
     cropped_shape = tuple(b - a for a, b in pre.bbox)

@@ -51,7 +51,7 @@ class Case:
 
 @dataclass(frozen=True)
 class Volume:
-    array_zyx: np.ndarray  # float32
+    array_zyx: np.ndarray  # the file's voxel type (int16 for most CT); preprocess makes float32 of its crop
     geometry: Geometry
 
 
@@ -152,7 +152,9 @@ def _count_non_finite(path: Path) -> int:
 
 
 def read_image(path: Path) -> tuple[sitk.Image, Volume]:
-    """Read a 3D NIfTI image; returns the ITK image (for its metadata) and a float32 (z, y, x) volume."""
+    """Read a 3D NIfTI image; returns the ITK image (for its metadata) and a (z, y, x) volume in the
+    file's voxel type (float when the header scales the values): a CT stays int16, half the memory
+    and bandwidth of float32 until preprocessing has cropped it."""
     path = Path(path)
     datatype = _check_nifti_file(path)
     try:
@@ -178,8 +180,8 @@ def read_image(path: Path) -> tuple[sitk.Image, Volume]:
         size_xyz=tuple(image.GetSize()),
     )
     # A copy, always: the view points into `image`'s buffer, which callers that keep only the Volume
-    # free; np.asarray would not copy a float32 image (MRI often is) and left a dangling view.
-    return image, Volume(np.array(array, dtype=np.float32), geometry)
+    # free; np.asarray would not copy and would leave a dangling view.
+    return image, Volume(np.array(array), geometry)
 
 
 def read_case(case: Case) -> Volume:

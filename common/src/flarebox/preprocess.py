@@ -16,6 +16,7 @@ network otherwise spends tiles on air around the patient; export puts background
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,26 +50,44 @@ def forced_spacing(
 
 
 def _box(mask: np.ndarray) -> tuple[tuple[int, int], ...] | None:
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(np.any(mask, axis=other))
-        if not hits.size:
-            return None
-        box.append((int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
+    """[start, stop) of the True voxels along each axis of a 3D mask; None when none is True.
+    Two passes: z and y from the mask's (z, y) projection, then x from inside that z-y box only."""
+    zy = mask.any(axis=2)
+    z_hits = np.flatnonzero(zy.any(axis=1))
+    if not z_hits.size:
+        return None
+    y_hits = np.flatnonzero(zy.any(axis=0))
+    z0, z1, y0, y1 = int(z_hits[0]), int(z_hits[-1]) + 1, int(y_hits[0]), int(y_hits[-1]) + 1
+    x_hits = np.flatnonzero(mask[z0:z1, y0:y1].any(axis=(0, 1)))
+    return ((z0, z1), (y0, y1), (int(x_hits[0]), int(x_hits[-1]) + 1))
 
 
 def nonzero_bbox(data: np.ndarray) -> tuple[tuple[int, int], ...]:
     """Bounding box of voxels that are nonzero in any channel (the whole image when none is).
-    Filling holes (as nnU-Net does for its mask) never changes a bounding box, so it is skipped."""
-    return _box(np.any(data != 0, axis=0)) or tuple((0, n) for n in data.shape[1:])
+    Filling holes (as nnU-Net does for its mask) never changes a bounding box, so it is skipped.
+    When each of the six faces holds a nonzero voxel (any CT: air is -1000) the box is the whole
+    image, which the faces alone tell."""
+    whole = tuple((0, n) for n in data.shape[1:])
+    if all(np.take(data, end, axis=axis).any() for axis in (1, 2, 3) for end in (0, -1)):
+        return whole
+    return _box(np.any(data != 0, axis=0)) or whole
+
+
+def above(image: np.ndarray, threshold: float) -> np.ndarray:
+    """image > threshold, compared in the image's own type: an int16 CT is not widened to float64
+    (which comparing with a Python float would do)."""
+    if np.issubdtype(image.dtype, np.integer):
+        info, floor = np.iinfo(image.dtype), math.floor(threshold)
+        if floor < info.min:
+            return np.ones(image.shape, dtype=bool)
+        return image > image.dtype.type(min(floor, info.max))  # integers: x > t exactly when x > floor(t)
+    return image > threshold
 
 
 def body_bbox(image_zyx: np.ndarray, threshold: float, margin_zyx: tuple[int, int, int]) -> tuple[tuple[int, int], ...]:
     """Bounding box of voxels above `threshold`, grown by `margin_zyx` voxels and clipped to the
     image; the whole image when none is above it."""
-    box = _box(image_zyx > threshold)
+    box = _box(above(image_zyx, threshold))
     if box is None:
         return tuple((0, n) for n in image_zyx.shape)
     return tuple((max(a - m, 0), min(b + m, n)) for (a, b), m, n in zip(box, margin_zyx, image_zyx.shape,
@@ -114,9 +133,9 @@ def preprocess(
 ) -> Preprocessed:
     """Transpose, crop, normalise and resample one single-channel image for `plan`'s network.
 
-    image_zyx: float32, modified in place when possible (callers hand over ownership).
+    image_zyx: any real voxel type (int16 for most CT), left unchanged: float32 is made of its crop.
     use_forced_spacing: apply the 3D-CPS slice-count rule to the plan's spacing.
-    resampler: 'auto' (torch when installed), 'torch' or 'scipy'.
+    resampler: 'auto' (torch when already loaded, else NumPy), 'torch' or 'numpy'.
     body_threshold: crop further to voxels above this raw intensity (CT: HU, e.g. -500), grown by
         body_margin_mm; None keeps nnU-Net's nonzero crop only.
     device: where MIND-SSC features are computed, for a plan that reads them (cpu or cuda).
