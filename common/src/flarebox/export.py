@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from flarebox.preprocess import Preprocessed
-from flarebox.resample import resize_linear, resize_nearest
+from flarebox.resample import linear_taps, resize_linear, resize_nearest
 
 EXPORT_MODES = ("labels", "logits")
 
@@ -25,11 +25,8 @@ def _logits_to_labels_trilinear(
     logits: np.ndarray, shape_zyx: tuple[int, int, int], resampler: str, slab: int
 ) -> np.ndarray:
     """Separable trilinear resize (in-plane per source slice, then linear along z) fused with argmax."""
-    n_in, n_out = logits.shape[1], shape_zyx[0]
-    coords = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-    low = np.floor(coords).astype(np.intp)
-    high = np.minimum(low + 1, n_in - 1)
-    frac = (coords - low).astype(np.float32)
+    n_out = shape_zyx[0]
+    low, high, frac = linear_taps(logits.shape[1], n_out)
     labels = np.empty(shape_zyx, dtype=np.uint8)
     for start in range(0, n_out, slab):
         stop = min(start + slab, n_out)

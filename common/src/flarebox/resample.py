@@ -53,7 +53,7 @@ def resize_linear(array: np.ndarray, shape_zyx: tuple[int, ...], engine: str = "
     return out
 
 
-def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each output voxel along one axis: its two input neighbours and the second one's weight."""
     coords = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
     low = np.floor(coords).astype(np.intp)
@@ -63,7 +63,7 @@ def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 def _resize_axis(src: np.ndarray, axis: int, n_out: int) -> np.ndarray:
     """Linear resize of one axis; the work is split along another axis over the CPU's threads
     (NumPy's gathers and arithmetic release the GIL)."""
-    low, high, weight = _linear_taps(src.shape[axis], n_out)
+    low, high, weight = linear_taps(src.shape[axis], n_out)
     weight = weight.reshape([n_out if a == axis else 1 for a in range(src.ndim)])
     out = np.empty(src.shape[:axis] + (n_out,) + src.shape[axis + 1:], dtype=np.float32)
     split = 1 if axis == 0 else 0
