@@ -87,6 +87,43 @@ def test_bad_inputs_one_line_each_good_case_written(predictor, tmp_path, caplog)
                      "nan_0000.nii.gz", "notes_0000.nii.gz", "readme.txt"}
 
 
+def test_overlapped_reads_and_writes_give_each_case_its_own_labels(predictor, tmp_path, caplog):
+    """run_folder reads ahead and writes behind: every case must still get exactly the labels that
+    segmenting it alone gives, a bad case between good ones must fail alone, and a write that fails
+    (the target name is taken by a folder) must be one line naming its case, with nothing left behind."""
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    shapes = {"a": (12, 40, 36), "b": (9, 30, 44), "d": (14, 36, 30), "e": (10, 32, 32)}
+    for seed, (case, shape) in enumerate(shapes.items()):
+        write_image(in_dir / f"{case}_0000.nii.gz", ct_like(shape, seed=seed), spacing_xyz=(2, 2, 3))
+    (in_dir / "c_0000.nii.gz").write_bytes(b"\x1f\x8b" + b"not gzip at all" * 10)
+    (out_dir / "d.nii.gz").mkdir(parents=True)
+    seen = []
+    caplog.set_level("INFO", logger="flarebox")
+    built = []
+
+    def load() -> Predictor:
+        built.append(True)
+        return predictor
+
+    assert run_folder(load, in_dir, out_dir, on_case=lambda case, timings: seen.append(case.case_id)) == 2
+    assert built == [True] and seen == ["a", "b", "e"]
+    assert sorted(os.listdir(out_dir)) == ["a.nii.gz", "b.nii.gz", "d.nii.gz", "e.nii.gz"]
+    assert os.listdir(out_dir / "d.nii.gz") == []  # the folder in the way, untouched and empty
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert [e.split(":")[0] for e in errors] == ["c_0000.nii.gz", "d_0000.nii.gz"]
+    for case in ("a", "b", "e"):
+        volume = read_case_volume(in_dir / f"{case}_0000.nii.gz")
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(out_dir / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(written, predictor.segment(volume))
+
+
+def read_case_volume(path: Path):
+    from flarebox import io
+
+    return io.read_image(path)[1]
+
+
 def test_cli_exit_status_and_progress_lines(tiny_model_dir, tmp_path):
     in_dir, out_dir = tmp_path / "in", tmp_path / "out"
     make_bad_folder(in_dir)

@@ -56,12 +56,12 @@ def prepare(workdir: Path, slices: int) -> tuple[Path, Path]:
 
 
 def run_one(args: argparse.Namespace) -> None:
-    """Child process: one configuration, one case; prints a JSON line with its figures."""
-    from flarebox import io
-    from flarebox.config import from_dict
-    from flarebox.pipeline import Predictor, Timings
-
+    """Child process: one configuration, one case, through `run_folder` as `flarebox predict` runs
+    it (the case is read while the model loads); prints a JSON line with its figures."""
     t0 = time.perf_counter()
+    from flarebox.config import from_dict
+    from flarebox.pipeline import Predictor, run_folder
+
     options = dict(item.split("=") for item in args.options.split(",") if item)
     inference = {"backend": args.backend, "precision": args.precision, "fit_patch": options.get("fit") == "1"}
     if "step" in options:
@@ -69,28 +69,29 @@ def run_one(args: argparse.Namespace) -> None:
     preprocess = {"body_threshold": float(options["body"])} if "body" in options else {}
     config = from_dict({"model": {"folder": args.model}, "inference": inference, "preprocess": preprocess,
                         "export": {"mode": args.export_mode}}, Path.cwd())
-    predictor = Predictor.from_config(config)
-    network_seconds, tiles = 0.0, 0
-    cls = type(predictor.backend)
-    predict = cls.predict
+    network_seconds, tiles, stages = 0.0, 0, {"imports": time.perf_counter() - t0}
 
-    def timed(self, tile: np.ndarray) -> np.ndarray:  # on the class: fitted-tile copies are timed too
-        nonlocal network_seconds, tiles
+    def load() -> Predictor:
         start = time.perf_counter()
-        out = predict(self, tile)
-        network_seconds += time.perf_counter() - start
-        tiles += 1
-        return out
+        predictor = Predictor.from_config(config)
+        cls = type(predictor.backend)
+        predict = cls.predict
 
-    cls.predict = timed
-    load = time.perf_counter() - t0
-    (case,) = io.discover(Path(args.inputs))[0]
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timings = Timings(stages={"load model": load})
-    timings.stages.update(predictor.predict_case(case, out_dir).stages)
-    print(json.dumps({"stages": timings.stages, "network": network_seconds,
-                      "tiles": tiles}))
+        def timed(self, tile: np.ndarray) -> np.ndarray:  # on the class: fitted-tile copies are timed too
+            nonlocal network_seconds, tiles
+            begin = time.perf_counter()
+            out = predict(self, tile)
+            network_seconds += time.perf_counter() - begin
+            tiles += 1
+            return out
+
+        cls.predict = timed
+        stages["load model"] = time.perf_counter() - start
+        return predictor
+
+    if run_folder(load, Path(args.inputs), Path(args.out), on_case=lambda case, t: stages.update(t.stages)):
+        raise SystemExit("the case failed")
+    print(json.dumps({"stages": stages, "network": network_seconds, "tiles": tiles}))
 
 
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:

@@ -38,14 +38,18 @@ def _predict(args: argparse.Namespace) -> int:
                 section, key = dotted.split(".")
                 raw.setdefault(section, {})[key] = str(Path(value).resolve()) if key == "folder" else value
         config = from_dict(raw, Path.cwd())
-    start = time.perf_counter()
-    predictor = Predictor.from_config(config)
     log = logging.getLogger("flarebox")
-    inf = config.inference
-    log.info("%s: model %s folds %s, %s %s on %s, step %.2f, export %s, ready in %.2fs", config.name,
-             config.model.folder, list(config.model.folds), inf.backend, inf.precision, inf.device,
-             inf.step_size, config.export.mode, time.perf_counter() - start)
-    failures = run_folder(predictor, Path(args.input), Path(args.output))
+
+    def load() -> Predictor:  # runs while the first case is read
+        start = time.perf_counter()
+        predictor = Predictor.from_config(config)
+        inf = config.inference
+        log.info("%s: model %s folds %s, %s %s on %s, step %.2f, export %s, ready in %.2fs", config.name,
+                 config.model.folder, list(config.model.folds), inf.backend, inf.precision, inf.device,
+                 inf.step_size, config.export.mode, time.perf_counter() - start)
+        return predictor
+
+    failures = run_folder(load, Path(args.input), Path(args.output))
     return 1 if failures else 0
 
 

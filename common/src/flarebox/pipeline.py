@@ -2,14 +2,18 @@
 
 `Predictor.from_config` builds everything a case needs (plan, compiled network) once, in one call;
 `run_folder` applies it to a FLARE input folder, one case at a time, so one bad case never stops
-the others and every failure is one line naming the file and the reason.
+the others and every failure is one line naming the file and the reason. Reading and writing,
+mostly gzip, which releases the GIL, overlap the rest: the next case is read and the previous one
+written in background threads while a case is segmented, and the first case is read while the
+models load.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,18 +203,45 @@ class Predictor:
         return labels
 
     def predict_case(self, case: io.Case, output_dir: Path) -> Timings:
+        """Read, segment and write one case (run_folder does the same with reading and writing
+        overlapped across cases)."""
         timings = Timings()
         with timings.stage("read"):
             volume = io.read_case(case)
         labels = self.segment(volume, timings)
         with timings.stage("write"):
-            io.write_labels(output_dir / f"{case.case_id}.nii.gz", labels, volume.geometry,
-                            self.config.export.compression_level)
+            _write(case, labels, volume.geometry, output_dir, self.config.export.compression_level)
         return timings
 
 
-def run_folder(predictor: Predictor, input_dir: Path, output_dir: Path) -> int:
-    """Segment every case of a FLARE input folder; returns the number of failed inputs."""
+def _write(case: io.Case, labels: np.ndarray, geometry: io.Geometry, output_dir: Path, level: int) -> None:
+    io.write_labels(output_dir / f"{case.case_id}.nii.gz", labels, geometry, level)
+
+
+def _timed_read(case: io.Case) -> tuple[io.Volume, float]:
+    start = time.perf_counter()
+    volume = io.read_case(case)
+    return volume, time.perf_counter() - start
+
+
+def _read_ahead(pool: ThreadPoolExecutor, cases: list[io.Case]) -> Iterator[tuple[io.Case, Future]]:
+    """Each case with its read in flight; the next case's read starts as this one is handed out."""
+    pending = pool.submit(_timed_read, cases[0]) if cases else None
+    for index, case in enumerate(cases):
+        current = pending
+        pending = pool.submit(_timed_read, cases[index + 1]) if index + 1 < len(cases) else None
+        yield case, current
+
+
+def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, output_dir: Path,
+               on_case: Callable[[io.Case, Timings], None] | None = None) -> int:
+    """Segment every case of a FLARE input folder; returns the number of failed inputs.
+
+    predictor: a Predictor, or a function that builds one: the first case is then read while it runs.
+    on_case: called with each written case and its timings.
+    Per case, 'read' and 'write' in the log are the time the case waited for them (its read
+    started during the previous case; its write ends during the next one); a case's line comes
+    when its file is written."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     cases, rejected = io.discover(input_dir)
     for error in rejected:
@@ -218,18 +249,51 @@ def run_folder(predictor: Predictor, input_dir: Path, output_dir: Path) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     failures = len(rejected)
     start = time.perf_counter()
-    for index, case in enumerate(cases, start=1):
-        try:
-            timings = predictor.predict_case(case, output_dir)
-        except CaseError as error:
-            failures += 1
+
+    def failed(case: io.Case, error: BaseException) -> None:
+        nonlocal failures
+        failures += 1
+        if isinstance(error, CaseError):
             log.error("%s: %s", case.path.name, error.reason)
-            continue
-        except Exception as error:  # one broken case must not stop the others
-            failures += 1
+        else:  # one broken case must not stop the others
             log.error("%s: failed: %s: %s", case.path.name, type(error).__name__, error)
-            continue
-        log.info("[%d/%d] %s: %s", index, len(cases), case.case_id, timings.line())
+
+    with ThreadPoolExecutor(1, "flarebox-read") as reader, ThreadPoolExecutor(1, "flarebox-write") as writer:
+        reads = _read_ahead(reader, cases)
+        if not isinstance(predictor, Predictor):
+            predictor = predictor()
+        writing: tuple[io.Case, Future, Timings, int] | None = None
+
+        def finish() -> None:  # wait for the last write, then log its case
+            if writing is None:
+                return
+            case, future, timings, index = writing
+            try:
+                waited = time.perf_counter()
+                future.result()
+                timings.stages["write"] = time.perf_counter() - waited
+            except Exception as error:
+                failed(case, error)
+                return
+            log.info("[%d/%d] %s: %s", index, len(cases), case.case_id, timings.line())
+            if on_case is not None:
+                on_case(case, timings)
+
+        for index, (case, pending) in enumerate(reads, start=1):
+            timings = Timings()
+            try:
+                with timings.stage("read"):
+                    volume, _ = pending.result()
+                labels = predictor.segment(volume, timings)
+            except Exception as error:
+                failed(case, error)
+                continue
+            finish()
+            future = writer.submit(_write, case, labels, volume.geometry, output_dir,
+                                   predictor.config.export.compression_level)
+            writing = (case, future, timings, index)
+            del volume, labels
+        finish()
     log.info("%d case(s) written, %d failed, %.1fs in all", len(cases) - (failures - len(rejected)), failures,
              time.perf_counter() - start)
     return failures
