@@ -85,8 +85,8 @@ def test_write_labels_is_atomic_and_exact(tmp_path):
     assert os.listdir(out.parent) == ["in.nii.gz"]
 
 
-def test_a_float32_volume_outlives_the_itk_image_it_was_read_from(tmp_path):
-    # MRI often comes as float32; the volume must own its voxels, not view a freed ITK buffer
+def test_a_volume_keeps_the_itk_image_it_views_alive(tmp_path):
+    # the voxels are not copied out of the ITK image: the array must keep that image alive
     import gc
 
     expected = np.random.default_rng(0).random((20, 30, 40), dtype=np.float32) * 500
@@ -94,4 +94,8 @@ def test_a_float32_volume_outlives_the_itk_image_it_was_read_from(tmp_path):
     volume = io.read_image(path)[1]
     gc.collect()
     _ = [np.full((20, 30, 40), 1e12, np.float32) for _ in range(20)]  # reuse freed memory, if any
-    assert volume.array_zyx.flags.owndata and np.array_equal(volume.array_zyx, expected)
+    assert np.array_equal(volume.array_zyx, expected)
+    voxels = io.read_image(path)[1].array_zyx  # the Volume (and its image) gone: the array still holds it
+    gc.collect()
+    _ = [np.full((20, 30, 40), 1e12, np.float32) for _ in range(20)]
+    assert np.array_equal(voxels, expected) and not voxels.flags.writeable

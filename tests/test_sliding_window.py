@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flarebox.sliding_window import (
+    argmax_classes,
     gaussian_importance,
     pad_to_patch,
     predict_logits,
@@ -112,3 +113,27 @@ def test_labels_are_the_argmax_of_the_logits_without_holding_them(accumulate):
     labels = predict_logits(data, backend, accumulate=accumulate, labels=True)
     assert labels.dtype == np.uint8 and labels.shape == (29, 40, 21)
     np.testing.assert_array_equal(labels, logits.argmax(0))
+
+
+@pytest.mark.parametrize("shape", [(14, 20, 33, 17), (3, 1, 5, 4), (2, 7, 1, 1)])
+def test_argmax_classes_is_numpy_argmax_ties_included(shape):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 3, size=shape).astype(np.float32)  # few values: many ties
+    labels = argmax_classes(scores)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.argmax(scores, axis=0))
+    scores = rng.normal(size=shape).astype(np.float32)
+    np.testing.assert_array_equal(argmax_classes(scores[:, 1:]), np.argmax(scores[:, 1:], axis=0))  # a view
+
+
+@pytest.mark.parametrize("patch", [(40, 224, 192), (96, 160, 160), (40, 192, 224), (7, 9, 4), (32, 128, 160)])
+def test_gaussian_importance_is_scipy_gaussian_filter_bit_for_bit(patch):
+    # nnU-Net's recipe with scipy itself (test-only here): impulse, gaussian_filter, /max*10, float16
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros(patch, dtype=np.float64)
+    impulse[tuple(p // 2 for p in patch)] = 1.0
+    reference = gaussian_filter(impulse, [p / 8 for p in patch], 0, mode="constant", cval=0)
+    half = (reference * (10.0 / reference.max())).astype(np.float16)
+    half[half == 0] = half[half > 0].min()
+    np.testing.assert_array_equal(gaussian_importance(patch), half.astype(np.float32) / np.float32(10.0))

@@ -172,16 +172,28 @@ def read_image(path: Path) -> tuple[sitk.Image, Volume]:
         raise CaseError(path, f"image of size {image.GetSize()} is flat: expected a 3D volume")
     if datatype in FLOAT_DATATYPES and (bad := _count_non_finite(path)):
         raise CaseError(path, f"{bad} voxels are NaN or infinite")
-    array = sitk.GetArrayViewFromImage(image)
     geometry = Geometry(
         spacing_xyz_mm=tuple(image.GetSpacing()),
         origin_xyz_mm=tuple(image.GetOrigin()),
         direction=tuple(image.GetDirection()),
         size_xyz=tuple(image.GetSize()),
     )
-    # A copy, always: the view points into `image`'s buffer, which callers that keep only the Volume
-    # free; np.asarray would not copy and would leave a dangling view.
-    return image, Volume(np.array(array), geometry)
+    return image, Volume(_owning_view(image), geometry)
+
+
+class _ImageVoxels:
+    """The voxels of an ITK image as an array interface that keeps the image alive: arrays made
+    from it hold this object as their base, so no copy is needed (a bare view from
+    GetArrayViewFromImage dangles once the image is freed). Read-only, like that view."""
+
+    def __init__(self, image: sitk.Image) -> None:
+        self.image = image
+        view = sitk.GetArrayViewFromImage(image)
+        self.__array_interface__ = {**view.__array_interface__, "data": (view.__array_interface__["data"][0], True)}
+
+
+def _owning_view(image: sitk.Image) -> np.ndarray:
+    return np.asarray(_ImageVoxels(image))
 
 
 def read_case(case: Case) -> Volume:

@@ -25,7 +25,6 @@ from flarebox.config import TaskConfig, load_config
 from flarebox.errors import CaseError, ConfigError
 from flarebox.export import to_original_grid
 from flarebox.models import ModelPlan, load_plan
-from flarebox.postprocess import gate_by_mask, remove_small_components
 from flarebox.preprocess import preprocess
 from flarebox.sliding_window import Backend, fitted_patch, predict_logits
 
@@ -195,6 +194,8 @@ class Predictor:
         post = cfg.postprocess
         if post.min_component_mm3 > 0 or self.gate is not None:
             with timings.stage("postprocess"):
+                from flarebox.postprocess import gate_by_mask, remove_small_components  # scipy: here only
+
                 spacing = volume.geometry.spacing_zyx_mm
                 labels = remove_small_components(labels, spacing, post.min_component_mm3, post.label)
                 if self.gate is not None and (labels == post.label).any():

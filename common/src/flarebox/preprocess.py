@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from flarebox.mind import MIND_CHANNELS
 from flarebox.models import ModelPlan, Normalization
@@ -160,6 +159,8 @@ def preprocess(
 
     mask = None
     if plan.use_mask_for_norm[0]:
+        from scipy import ndimage  # here only: the CT path never needs scipy
+
         mask = ndimage.binary_fill_holes(data[0] != 0)
     normalize(data[0], plan.normalizations[0], mask)
 

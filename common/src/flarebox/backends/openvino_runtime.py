@@ -63,7 +63,9 @@ class OpenVINOBackend:
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
         self._core, self._paths, self._config = core, paths, config
-        self._requests = [self._compile(core, p, config).create_infer_request() for p in paths]
+        self._nominal_patch = tuple(self.patch_zyx)
+        # Compiled on first use: with fitted tiles (`for_patch`) the model's own patch often never runs.
+        self._requests: list[ov.InferRequest] | None = None
         self._by_patch: dict[tuple[int, int, int], OpenVINOBackend] = {tuple(self.patch_zyx): self}
 
     @staticmethod
@@ -78,20 +80,30 @@ class OpenVINOBackend:
             return core.compile_model(source, "CPU", config)
 
     def for_patch(self, patch_zyx: tuple[int, int, int]) -> OpenVINOBackend:
-        """The same model compiled for another tile shape (once per shape; the compiled-model cache
-        keeps it across runs where it is writable)."""
+        """The same model for another tile shape (compiled once per shape, on first use; the
+        compiled-model cache keeps it across runs where it is writable)."""
         patch_zyx = tuple(int(p) for p in patch_zyx)
         if patch_zyx not in self._by_patch:
             other = copy.copy(self)  # shares the core, the settings and this table of shapes
-            other.patch_zyx, other._requests = patch_zyx, []
-            for path in self._paths:
-                model = self._core.read_model(str(path))
-                model.reshape({0: [1, model.inputs[0].partial_shape[1].get_length(), *patch_zyx]})
-                other._requests.append(self._compile(self._core, model, self._config).create_infer_request())
+            other.patch_zyx, other._requests = patch_zyx, None
             self._by_patch[patch_zyx] = other
         return self._by_patch[patch_zyx]
 
+    def compile(self) -> None:
+        """Compile this tile shape now (it happens on the first tile otherwise)."""
+        if self._requests is not None:
+            return
+        requests = []
+        for path in self._paths:
+            model: Path | ov.Model = path
+            if tuple(self.patch_zyx) != self._nominal_patch:
+                model = self._core.read_model(str(path))
+                model.reshape({0: [1, model.inputs[0].partial_shape[1].get_length(), *self.patch_zyx]})
+            requests.append(self._compile(self._core, model, self._config).create_infer_request())
+        self._requests = requests
+
     def predict(self, tile: np.ndarray) -> np.ndarray:
+        self.compile()
         # infer() hands back a fresh array per call, so one fold needs no further copy.
         outs = [request.infer({0: tile})[0] for request in self._requests]
         if len(outs) == 1:
