@@ -17,7 +17,8 @@ def test_task2_config_loads_with_paths_relative_to_it():
     assert config.name == "task2_cpu_organs"
     assert config.model.folder == (ROOT / "task2_cpu_organs" / "weights" / "model").resolve()
     assert config.inference.backend == "openvino" and config.inference.mirroring is False
-    assert config.inference.step_size == 0.5
+    assert config.inference.step_size == 0.75 and config.inference.fit_patch
+    assert config.preprocess.body_threshold == -500.0
     assert config.inference.cache_dir == (ROOT / "task2_cpu_organs" / "ov_cache").resolve()
 
 

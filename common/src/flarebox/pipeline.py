@@ -29,6 +29,7 @@ from flarebox.preprocess import preprocess
 from flarebox.sliding_window import Backend, fitted_patch, predict_logits
 
 log = logging.getLogger("flarebox")
+_COMPILER = ThreadPoolExecutor(1, "flarebox-compile")
 
 
 @dataclass
@@ -131,16 +132,21 @@ class Predictor:
             tile = np.zeros((1, model.plan.num_input_channels, *model.plan.patch_zyx), np.float32)
             model.backend.predict(tile)
 
+    def _tile_backend(self, model: Model, shape_zyx: tuple[int, ...]) -> Backend:
+        """The backend for a network input of this shape: the model's own patch, or with `fit_patch`
+        the patch fitted to the image (OpenVINO compiles each such shape once)."""
+        if not self.config.inference.fit_patch:
+            return model.backend
+        plan = model.plan
+        return model.backend.for_patch(fitted_patch(shape_zyx, plan.patch_zyx, plan.patch_divisor_zyx))
+
     def _logits(self, data: np.ndarray, model: Model, on_tile: Callable[[int, int], None] | None,
                 labels: bool = False) -> np.ndarray:
         """One model's sliding-window logits (or labels), summed on the GPU when they fit there,
         else in host memory; a GPU that runs out of memory anyway (other tenants) gets the case
         again on the host."""
         inf = self.config.inference
-        backend = model.backend
-        if inf.fit_patch:
-            plan = model.plan
-            backend = backend.for_patch(fitted_patch(data.shape[1:], plan.patch_zyx, plan.patch_divisor_zyx))
+        backend = self._tile_backend(model, data.shape[1:])
         place = "host"
         if hasattr(backend, "accumulation_place"):
             padded = tuple(max(s, p) for s, p in zip(data.shape[1:], backend.patch_zyx, strict=True))
@@ -166,6 +172,14 @@ class Predictor:
         for model in self.models:
             if hasattr(model.backend, "reset_peak"):
                 model.backend.reset_peak()
+        compiling: list[Future] = []
+
+        def compile_tiles(shape_zyx: tuple[int, int, int]) -> None:  # while the voxels are prepared
+            for model in self.models:
+                backend = self._tile_backend(model, shape_zyx)
+                if hasattr(backend, "compile"):
+                    compiling.append(_COMPILER.submit(backend.compile))
+
         with timings.stage("preprocess"):
             pre = preprocess(
                 volume.array_zyx,
@@ -176,8 +190,11 @@ class Predictor:
                 body_threshold=cfg.preprocess.body_threshold,
                 body_margin_mm=cfg.preprocess.body_margin_mm,
                 device=resolve_device(cfg.inference.device),
+                on_shape=compile_tiles,
             )
         with timings.stage("infer"):
+            for future in compiling:
+                future.result()
             # one model exported as labels: the sliding window hands back labels, never all logits
             as_labels = len(self.models) == 1 and cfg.export.mode == "labels"
             prediction = self._logits(pre.data, self.models[0], on_tile, labels=as_labels)

@@ -17,6 +17,7 @@ network otherwise spends tiles on air around the patient; export puts background
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +130,7 @@ def preprocess(
     body_threshold: float | None = None,
     body_margin_mm: float = 10.0,
     device: str = "cpu",
+    on_shape: Callable[[tuple[int, int, int]], None] | None = None,
 ) -> Preprocessed:
     """Transpose, crop, normalise and resample one single-channel image for `plan`'s network.
 
@@ -138,6 +140,8 @@ def preprocess(
     body_threshold: crop further to voxels above this raw intensity (CT: HU, e.g. -500), grown by
         body_margin_mm; None keeps nnU-Net's nonzero crop only.
     device: where MIND-SSC features are computed, for a plan that reads them (cpu or cuda).
+    on_shape: called with the network input's (z, y, x) shape as soon as the crop tells it, before
+        the voxel work (the pipeline compiles a tile shape for it meanwhile).
     """
     mind = plan.input_features == "mind"
     if plan.num_input_channels != (MIND_CHANNELS if mind else 1):
@@ -155,6 +159,12 @@ def preprocess(
         body = body_bbox(inner, body_threshold, margin)
         bbox = tuple((a + c, a + d) for (a, _), (c, d) in zip(bbox, body, strict=True))
     data = data[(slice(None), *(slice(a, b) for a, b in bbox))]
+    target = plan.spacing_zyx_mm
+    if use_forced_spacing:
+        target = forced_spacing(spacing, target, image_zyx.shape[0])
+    new_shape = target_shape(data.shape[1:], spacing, target)
+    if on_shape is not None:
+        on_shape(new_shape)
     data = np.array(data, dtype=np.float32, order="C")  # own a contiguous copy before in-place work
 
     mask = None
@@ -163,11 +173,6 @@ def preprocess(
 
         mask = ndimage.binary_fill_holes(data[0] != 0)
     normalize(data[0], plan.normalizations[0], mask)
-
-    target = plan.spacing_zyx_mm
-    if use_forced_spacing:
-        target = forced_spacing(spacing, target, image_zyx.shape[0])
-    new_shape = target_shape(data.shape[1:], spacing, target)
     data = resize_linear(data, new_shape, engine=resampler)
     if mind:
         from flarebox.mind import mind_ssc_numpy
