@@ -26,7 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 # backend:precision[:option=value,...]; options: body (crop to voxels above this HU), fit (1: fitted
 # tile), step (tile step). The last line is Task 2's shipped configuration.
-CONFIGS = ["openvino:f32", "openvino:bf16", "openvino:int8", "torch:f32", "openvino:int8:body=-500,fit=1"]
+CONFIGS = ["openvino:f32", "openvino:bf16", "openvino:int8", "torch:f32", "openvino:int8:body=-500,fit=1",
+           "openvino:int8:body=-500,fit=1,step=0.75"]
 
 
 def synthetic_ct(path: Path, slices: int, seed: int = 0) -> Path:
