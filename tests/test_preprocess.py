@@ -155,3 +155,21 @@ def test_body_crop_keeps_the_body_and_a_margin_and_export_restores_the_grid(tiny
     assert (labels[:, 18:42, 8:32] == 1).all() and labels.sum() == 12 * 24 * 24  # background outside
     empty = preprocess(np.full((4, 8, 8), -1000, np.float32), (3.0, 2.0, 2.0), plan, body_threshold=-500)
     assert empty.bbox == ((0, 4), (0, 8), (0, 8))  # no body found: nothing cropped
+
+
+@pytest.mark.parametrize("spacing", [(2.0, 1.0, 1.5), (3.0, 2.0, 2.0)])  # z resampled, or not
+def test_ct_slab_path_equals_whole_volume_path(tiny_plan, spacing):
+    """A CT is normalised and resampled in-plane slab by slab (SLAB_SLICES at a time), then along z:
+    the same, within float rounding, as the whole crop made float32, normalised and resampled."""
+    from flarebox import preprocess as module
+
+    assert tiny_plan.normalizations[0].scheme == "CTNormalization" and not tiny_plan.use_mask_for_norm[0]
+    plan = dataclasses.replace(tiny_plan, spacing_zyx_mm=(3.0, 2.0, 2.0))
+    rng = np.random.default_rng(5)
+    image = rng.integers(-1000, 1500, size=(2 * module.SLAB_SLICES + 7, 41, 37)).astype(np.int16)
+    pre = preprocess(image, spacing, plan, body_threshold=-2000, resampler="numpy")
+    assert pre.bbox == ((0, image.shape[0]), (0, 41), (0, 37))
+    whole = image.astype(np.float32)
+    normalize(whole, plan.normalizations[0])
+    expected = resize_linear(whole[None], pre.data.shape[1:], engine="numpy")
+    np.testing.assert_allclose(pre.data, expected, rtol=1e-5, atol=1e-5)

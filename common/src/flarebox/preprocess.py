@@ -114,6 +114,21 @@ def normalize(data: np.ndarray, norm: Normalization, mask: np.ndarray | None = N
     return data
 
 
+SLAB_SLICES = 32
+
+
+def _ct_by_slabs(crop: np.ndarray, norm: Normalization, shape: tuple[int, int, int], resampler: str) -> np.ndarray:
+    """CT normalisation is per voxel, so the crop is made float32, normalised and resampled in-plane
+    a slab of slices at a time (no float32 copy of the whole crop ever exists, and the slab's
+    buffers are reused), then resampled along the first axis. Returns (1, *shape)."""
+    planes = np.empty((crop.shape[0], *shape[1:]), dtype=np.float32)
+    for start in range(0, crop.shape[0], SLAB_SLICES):
+        slab = np.array(crop[start:start + SLAB_SLICES], dtype=np.float32)
+        normalize(slab, norm)
+        planes[start:start + len(slab)] = resize_linear(slab, (len(slab), *shape[1:]), engine=resampler)
+    return resize_linear(planes, shape, engine=resampler)[None]
+
+
 def target_shape(
     shape_zyx: tuple[int, ...], spacing_zyx_mm: tuple[float, ...], target_zyx_mm: tuple[float, ...]
 ) -> tuple[int, int, int]:
@@ -165,15 +180,18 @@ def preprocess(
     new_shape = target_shape(data.shape[1:], spacing, target)
     if on_shape is not None:
         on_shape(new_shape)
-    data = np.array(data, dtype=np.float32, order="C")  # own a contiguous copy before in-place work
+    norm = plan.normalizations[0]
+    if norm.scheme == "CTNormalization" and not plan.use_mask_for_norm[0]:
+        data = _ct_by_slabs(data[0], norm, new_shape, resampler)
+    else:
+        data = np.array(data, dtype=np.float32, order="C")  # own a contiguous copy before in-place work
+        mask = None
+        if plan.use_mask_for_norm[0]:
+            from scipy import ndimage  # here only: the CT path never needs scipy
 
-    mask = None
-    if plan.use_mask_for_norm[0]:
-        from scipy import ndimage  # here only: the CT path never needs scipy
-
-        mask = ndimage.binary_fill_holes(data[0] != 0)
-    normalize(data[0], plan.normalizations[0], mask)
-    data = resize_linear(data, new_shape, engine=resampler)
+            mask = ndimage.binary_fill_holes(data[0] != 0)
+        normalize(data[0], norm, mask)
+        data = resize_linear(data, new_shape, engine=resampler)
     if mind:
         from flarebox.mind import mind_ssc_numpy
 

@@ -13,11 +13,11 @@ torch at all): the same input gives the same labels locally and in the image.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from flarebox.parallel import over_slices
 
 ENGINES = ("auto", "torch", "numpy")
 
@@ -66,7 +66,8 @@ def _resize_axis(src: np.ndarray, axis: int, n_out: int) -> np.ndarray:
     low, high, weight = linear_taps(src.shape[axis], n_out)
     weight = weight.reshape([n_out if a == axis else 1 for a in range(src.ndim)])
     out = np.empty(src.shape[:axis] + (n_out,) + src.shape[axis + 1:], dtype=np.float32)
-    split = 1 if axis == 0 else 0
+    # split along the first other axis with more than one entry (a (1, z, y, x) array: along z)
+    split = next((a for a in range(src.ndim) if a != axis and src.shape[a] > 1), 1 if axis == 0 else 0)
 
     def blend(part: slice) -> None:
         index = (slice(None),) * split + (part,)
@@ -77,13 +78,7 @@ def _resize_axis(src: np.ndarray, axis: int, n_out: int) -> np.ndarray:
         a += b
         out[index] = a
 
-    bounds = np.linspace(0, src.shape[split], min(os.cpu_count() or 1, 4, src.shape[split]) + 1).astype(int)
-    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    if len(parts) == 1:
-        blend(parts[0])
-    else:
-        with ThreadPoolExecutor(len(parts)) as pool:
-            list(pool.map(blend, parts))
+    over_slices(blend, src.shape[split])
     return out
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
+
+from flarebox.parallel import over_slices
 
 
 class Backend(Protocol):
@@ -139,7 +140,7 @@ class _HostArrays:
 
 def argmax_classes(scores: np.ndarray) -> np.ndarray:
     """np.argmax(scores, axis=0) as uint8 (first maximum wins, as there), for (k, z, y, x) float
-    scores with k < 256: a running maximum over the classes, on two threads split along z. NumPy's
+    scores with k < 256: a running maximum over the classes, on the CPU's threads split along z. NumPy's
     own argmax over a leading axis transposes the whole array first; this is ~1.5-2x faster."""
     labels = np.empty(scores.shape[1:], dtype=np.uint8)
 
@@ -152,15 +153,8 @@ def argmax_classes(scores: np.ndarray) -> np.ndarray:
             np.copyto(out, np.uint8(k), where=better)
             np.maximum(best, scores[k, part], out=best)
 
-    half = scores.shape[1] // 2
-    if half == 0:
-        run(slice(None))
-    else:
-        list(_POOL.map(run, (slice(0, half), slice(half, None))))
+    over_slices(run, scores.shape[1])
     return labels
-
-
-_POOL = ThreadPoolExecutor(2, "flarebox-argmax")
 
 
 class _DeviceArrays:
