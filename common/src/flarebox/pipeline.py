@@ -220,34 +220,19 @@ class Predictor:
                                           post.label)
         return labels
 
-    def predict_case(self, case: io.Case, output_dir: Path) -> Timings:
-        """Read, segment and write one case (run_folder does the same with reading and writing
-        overlapped across cases)."""
-        timings = Timings()
-        with timings.stage("read"):
-            volume = io.read_case(case)
-        labels = self.segment(volume, timings)
-        with timings.stage("write"):
-            _write(case, labels, volume.geometry, output_dir, self.config.export.compression_level)
-        return timings
-
 
 def _write(case: io.Case, labels: np.ndarray, geometry: io.Geometry, output_dir: Path, level: int) -> None:
     io.write_labels(output_dir / f"{case.case_id}.nii.gz", labels, geometry, level)
 
 
-def _timed_read(case: io.Case) -> tuple[io.Volume, float]:
-    start = time.perf_counter()
-    volume = io.read_case(case)
-    return volume, time.perf_counter() - start
-
-
-def _read_ahead(pool: ThreadPoolExecutor, cases: list[io.Case]) -> Iterator[tuple[io.Case, Future]]:
-    """Each case with its read in flight; the next case's read starts as this one is handed out."""
-    pending = pool.submit(_timed_read, cases[0]) if cases else None
+def _read_ahead(pool: ThreadPoolExecutor, cases: list[io.Case], first: Future | None
+                ) -> Iterator[tuple[io.Case, Future]]:
+    """Each case with its read in flight (the first one's already submitted); the next case's
+    read starts as this one is handed out."""
+    pending = first
     for index, case in enumerate(cases):
         current = pending
-        pending = pool.submit(_timed_read, cases[index + 1]) if index + 1 < len(cases) else None
+        pending = pool.submit(io.read_case, cases[index + 1]) if index + 1 < len(cases) else None
         yield case, current
 
 
@@ -277,7 +262,7 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
             log.error("%s: failed: %s: %s", case.path.name, type(error).__name__, error)
 
     with ThreadPoolExecutor(1, "flarebox-read") as reader, ThreadPoolExecutor(1, "flarebox-write") as writer:
-        reads = _read_ahead(reader, cases)
+        first = reader.submit(io.read_case, cases[0]) if cases else None  # now, not when iterated
         if not isinstance(predictor, Predictor):
             predictor = predictor()
         writing: tuple[io.Case, Future, Timings, int] | None = None
@@ -297,11 +282,11 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
             if on_case is not None:
                 on_case(case, timings)
 
-        for index, (case, pending) in enumerate(reads, start=1):
+        for index, (case, pending) in enumerate(_read_ahead(reader, cases, first), start=1):
             timings = Timings()
             try:
                 with timings.stage("read"):
-                    volume, _ = pending.result()
+                    volume = pending.result()
                 labels = predictor.segment(volume, timings)
             except Exception as error:
                 failed(case, error)
