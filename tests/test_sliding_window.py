@@ -52,6 +52,22 @@ def test_pad_to_patch_splits_padding_and_undoes_it():
     assert padded.shape == (1, 8, 20, 10)
     assert padded[0, :1].sum() == 0 and padded[0, 6:].sum() == 0  # 3 voxels: 1 before, 2 after
     np.testing.assert_array_equal(padded[undo], data)
+    air, _ = pad_to_patch(data, (8, 16, 10), value=-6.25)
+    assert (air[0, :1] == -6.25).all() and (air[0, 6:] == -6.25).all() and (air[0, 1:6, :, 1:8] == 1).all()
+
+
+def test_the_network_sees_the_pad_value_beyond_a_small_image():
+    seen = []
+
+    class Recording(LinearBackend):
+        def predict(self, tile):
+            seen.append(tile.copy())
+            return super().predict(tile)
+
+    data = np.ones((1, 10, 12, 14), np.float32)
+    predict_logits(data, Recording((16, 16, 16)), pad_value=-3.0)
+    (tile,) = seen
+    assert tile.min() == -3.0 and (tile == 1).sum() == data.size
 
 
 @pytest.mark.parametrize("shape", [(1, 30, 50, 41), (1, 7, 13, 9), (1, 16, 16, 16)])

@@ -141,7 +141,7 @@ class Predictor:
         return model.backend.for_patch(fitted_patch(shape_zyx, plan.patch_zyx, plan.patch_divisor_zyx))
 
     def _logits(self, data: np.ndarray, model: Model, on_tile: Callable[[int, int], None] | None,
-                labels: bool = False) -> np.ndarray:
+                labels: bool = False, pad_value: float = 0.0) -> np.ndarray:
         """One model's sliding-window logits (or labels), summed on the GPU when they fit there,
         else in host memory; a GPU that runs out of memory anyway (other tenants) gets the case
         again on the host."""
@@ -151,7 +151,8 @@ class Predictor:
         if hasattr(backend, "accumulation_place"):
             padded = tuple(max(s, p) for s, p in zip(data.shape[1:], backend.patch_zyx, strict=True))
             place = backend.accumulation_place(padded, int(inf.gpu_memory_gb * 2**30))
-        run = dict(step_size=inf.step_size, mirroring=inf.mirroring, on_tile=on_tile, labels=labels)
+        run = dict(step_size=inf.step_size, mirroring=inf.mirroring, on_tile=on_tile, labels=labels,
+                   pad_value=pad_value)
         if place == "host":
             return predict_logits(data, backend, **run)
         try:
@@ -197,9 +198,9 @@ class Predictor:
                 future.result()
             # one model exported as labels: the sliding window hands back labels, never all logits
             as_labels = len(self.models) == 1 and cfg.export.mode == "labels"
-            prediction = self._logits(pre.data, self.models[0], on_tile, labels=as_labels)
+            prediction = self._logits(pre.data, self.models[0], on_tile, labels=as_labels, pad_value=pre.pad_value)
             for model in self.models[1:]:
-                prediction += self._logits(pre.data, model, on_tile)
+                prediction += self._logits(pre.data, model, on_tile, pad_value=pre.pad_value)
             if len(self.models) > 1:
                 prediction /= len(self.models)
         with timings.stage("export"):

@@ -35,6 +35,10 @@ class Preprocessed:
     bbox: tuple[tuple[int, int], ...]  # crop box in transposed axes, [start, stop)
     spacing_zyx_mm: tuple[float, float, float]  # target spacing used
     transpose_backward: tuple[int, int, int]
+    # What the network should see beyond the data where a tile overhangs it: nnU-Net pads with 0,
+    # but after a crop to the body the world beyond is air, and 0 is water-like after CT
+    # normalisation, so a body-cropped CT is padded with its own normalised minimum (air).
+    pad_value: float = 0.0
 
 
 def forced_spacing(
@@ -181,6 +185,10 @@ def preprocess(
     if on_shape is not None:
         on_shape(new_shape)
     norm = plan.normalizations[0]
+    pad_value = 0.0
+    if body_threshold is not None and norm.scheme == "CTNormalization" and data.size:
+        lowest = np.clip(np.float32(data.min()), norm.clip_low, norm.clip_high)
+        pad_value = float((lowest - np.float32(norm.mean)) / np.float32(max(norm.std, 1e-8)))
     if norm.scheme == "CTNormalization" and not plan.use_mask_for_norm[0]:
         data = _ct_by_slabs(data[0], norm, new_shape, resampler)
     else:
@@ -203,4 +211,5 @@ def preprocess(
         bbox=bbox,
         spacing_zyx_mm=target,
         transpose_backward=plan.transpose_backward,
+        pad_value=pad_value,
     )
