@@ -146,11 +146,13 @@ def test_body_crop_keeps_the_body_and_a_margin_and_export_restores_the_grid(tiny
     # 4 mm of margin is 2 voxels in-plane and 2 slices (ceil(4 / 3)), clipped to the image in z
     assert pre.bbox == ((0, 12), (18, 42), (8, 32))
     assert pre.data.shape == (1, 12, 24, 24)
-    norm = plan.normalizations[0]  # tiles overhanging the crop see air (the crop's minimum), not 0
-    assert pre.pad_value == pytest.approx((max(-1000, norm.clip_low) - norm.mean) / norm.std, rel=1e-6)
+    # tiles overhanging a side the crop cut see air (the crop's minimum); beyond the scan (z here) 0
+    norm = plan.normalizations[0]
+    air = pytest.approx((max(-1000, norm.clip_low) - norm.mean) / norm.std, rel=1e-6)
+    assert pre.pad_values == ((0.0, 0.0), (air, air), (air, air))
     plain = preprocess(image.copy(), (3.0, 2.0, 2.0), plan)
     assert plain.bbox == ((0, 12), (0, 60), (0, 50))  # nnU-Net's nonzero crop never crops a CT
-    assert plain.pad_value == 0.0  # nnU-Net's padding
+    assert plain.pad_values == ((0.0, 0.0),) * 3  # nnU-Net's padding
     logits = np.zeros((plan.num_classes, *pre.data.shape[1:]), np.float32)
     logits[1] = 1.0  # class 1 everywhere inside the crop
     labels = to_original_grid(logits, pre)

@@ -52,8 +52,11 @@ def test_pad_to_patch_splits_padding_and_undoes_it():
     assert padded.shape == (1, 8, 20, 10)
     assert padded[0, :1].sum() == 0 and padded[0, 6:].sum() == 0  # 3 voxels: 1 before, 2 after
     np.testing.assert_array_equal(padded[undo], data)
-    air, _ = pad_to_patch(data, (8, 16, 10), value=-6.25)
-    assert (air[0, :1] == -6.25).all() and (air[0, 6:] == -6.25).all() and (air[0, 1:6, :, 1:8] == 1).all()
+    sides, _ = pad_to_patch(data, (8, 16, 10), ((-6.25, 0.0), (0.0, 0.0), (0.0, -2.5)))
+    # z before / after, and x before / after (where two pads meet, the later axis's value stands)
+    assert (sides[0, :1, :, 1:8] == -6.25).all() and (sides[0, 6:, :, 1:8] == 0).all()
+    assert (sides[0, :, :, :1] == 0).all() and (sides[0, :, :, 8:] == -2.5).all()
+    np.testing.assert_array_equal(sides[undo], data)
 
 
 def test_the_network_sees_the_pad_value_beyond_a_small_image():
@@ -65,9 +68,10 @@ def test_the_network_sees_the_pad_value_beyond_a_small_image():
             return super().predict(tile)
 
     data = np.ones((1, 10, 12, 14), np.float32)
-    predict_logits(data, Recording((16, 16, 16)), pad_value=-3.0)
+    predict_logits(data, Recording((16, 16, 16)), pad_values=((0.0, 0.0), (-3.0, -3.0), (0.0, 0.0)))
     (tile,) = seen
-    assert tile.min() == -3.0 and (tile == 1).sum() == data.size
+    # y padded 2 + 2 with -3 (but for where x's padding, 1 + 1 with 0, crosses it)
+    assert (tile == -3.0).sum() == 16 * 4 * 14 and (tile == 1).sum() == data.size
 
 
 @pytest.mark.parametrize("shape", [(1, 30, 50, 41), (1, 7, 13, 9), (1, 16, 16, 16)])

@@ -26,7 +26,7 @@ from flarebox.errors import CaseError, ConfigError
 from flarebox.export import to_original_grid
 from flarebox.models import ModelPlan, load_plan
 from flarebox.preprocess import preprocess
-from flarebox.sliding_window import Backend, fitted_patch, predict_logits
+from flarebox.sliding_window import NNUNET_PADDING, Backend, PadValues, fitted_patch, predict_logits
 
 log = logging.getLogger("flarebox")
 _COMPILER = ThreadPoolExecutor(1, "flarebox-compile")
@@ -141,7 +141,7 @@ class Predictor:
         return model.backend.for_patch(fitted_patch(shape_zyx, plan.patch_zyx, plan.patch_divisor_zyx))
 
     def _logits(self, data: np.ndarray, model: Model, on_tile: Callable[[int, int], None] | None,
-                labels: bool = False, pad_value: float = 0.0) -> np.ndarray:
+                labels: bool = False, pad_values: PadValues = NNUNET_PADDING) -> np.ndarray:
         """One model's sliding-window logits (or labels), summed on the GPU when they fit there,
         else in host memory; a GPU that runs out of memory anyway (other tenants) gets the case
         again on the host."""
@@ -152,7 +152,7 @@ class Predictor:
             padded = tuple(max(s, p) for s, p in zip(data.shape[1:], backend.patch_zyx, strict=True))
             place = backend.accumulation_place(padded, int(inf.gpu_memory_gb * 2**30))
         run = dict(step_size=inf.step_size, mirroring=inf.mirroring, on_tile=on_tile, labels=labels,
-                   pad_value=pad_value)
+                   pad_values=pad_values)
         if place == "host":
             return predict_logits(data, backend, **run)
         try:
@@ -198,9 +198,10 @@ class Predictor:
                 future.result()
             # one model exported as labels: the sliding window hands back labels, never all logits
             as_labels = len(self.models) == 1 and cfg.export.mode == "labels"
-            prediction = self._logits(pre.data, self.models[0], on_tile, labels=as_labels, pad_value=pre.pad_value)
+            pads = pre.pad_values
+            prediction = self._logits(pre.data, self.models[0], on_tile, labels=as_labels, pad_values=pads)
             for model in self.models[1:]:
-                prediction += self._logits(pre.data, model, on_tile, pad_value=pre.pad_value)
+                prediction += self._logits(pre.data, model, on_tile, pad_values=pads)
             if len(self.models) > 1:
                 prediction /= len(self.models)
         with timings.stage("export"):

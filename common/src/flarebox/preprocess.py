@@ -25,6 +25,7 @@ import numpy as np
 from flarebox.mind import MIND_CHANNELS
 from flarebox.models import ModelPlan, Normalization
 from flarebox.resample import resize_linear
+from flarebox.sliding_window import NNUNET_PADDING, PadValues
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,11 @@ class Preprocessed:
     bbox: tuple[tuple[int, int], ...]  # crop box in transposed axes, [start, stop)
     spacing_zyx_mm: tuple[float, float, float]  # target spacing used
     transpose_backward: tuple[int, int, int]
-    # What the network should see beyond the data where a tile overhangs it: nnU-Net pads with 0,
-    # but after a crop to the body the world beyond is air, and 0 is water-like after CT
-    # normalisation, so a body-cropped CT is padded with its own normalised minimum (air).
-    pad_value: float = 0.0
+    # What the network should see beyond the data where a tile overhangs it, per axis and side:
+    # nnU-Net pads with 0 (beyond the scan, where the body goes on, 0 is water-like after CT
+    # normalisation: a fair guess). Beyond a side the body crop cut, though, the scan holds air, so
+    # that side is padded with the crop's normalised minimum (air).
+    pad_values: PadValues = NNUNET_PADDING
 
 
 def forced_spacing(
@@ -172,10 +174,12 @@ def preprocess(
     shape_before_crop = tuple(data.shape[1:])
 
     bbox = nonzero_bbox(data)
+    cut = ((False, False),) * 3  # per axis and side: did the body crop cut the scan there?
     if body_threshold is not None:
         inner = data[(0, *(slice(a, b) for a, b in bbox))]
         margin = tuple(int(np.ceil(body_margin_mm / s)) for s in spacing)
         body = body_bbox(inner, body_threshold, margin)
+        cut = tuple((c > 0, d < n) for (c, d), n in zip(body, inner.shape, strict=True))
         bbox = tuple((a + c, a + d) for (a, _), (c, d) in zip(bbox, body, strict=True))
     data = data[(slice(None), *(slice(a, b) for a, b in bbox))]
     target = plan.spacing_zyx_mm
@@ -185,10 +189,11 @@ def preprocess(
     if on_shape is not None:
         on_shape(new_shape)
     norm = plan.normalizations[0]
-    pad_value = 0.0
-    if body_threshold is not None and norm.scheme == "CTNormalization" and data.size:
+    pad_values = NNUNET_PADDING
+    if norm.scheme == "CTNormalization" and any(map(any, cut)) and data.size:
         lowest = np.clip(np.float32(data.min()), norm.clip_low, norm.clip_high)
-        pad_value = float((lowest - np.float32(norm.mean)) / np.float32(max(norm.std, 1e-8)))
+        air = float((lowest - np.float32(norm.mean)) / np.float32(max(norm.std, 1e-8)))
+        pad_values = tuple(tuple(air if side else 0.0 for side in sides) for sides in cut)
     if norm.scheme == "CTNormalization" and not plan.use_mask_for_norm[0]:
         data = _ct_by_slabs(data[0], norm, new_shape, resampler)
     else:
@@ -211,5 +216,5 @@ def preprocess(
         bbox=bbox,
         spacing_zyx_mm=target,
         transpose_backward=plan.transpose_backward,
-        pad_value=pad_value,
+        pad_values=pad_values,
     )

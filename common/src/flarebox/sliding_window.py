@@ -78,10 +78,14 @@ def gaussian_importance(patch_zyx: tuple[int, ...], sigma_scale: float = 1.0 / 8
     return weights
 
 
-def pad_to_patch(data: np.ndarray, patch_zyx: tuple[int, ...], value: float = 0.0
+PadValues = tuple[tuple[float, float], ...]  # per spatial axis: (before, after)
+NNUNET_PADDING: PadValues = ((0.0, 0.0), (0.0, 0.0), (0.0, 0.0))
+
+
+def pad_to_patch(data: np.ndarray, patch_zyx: tuple[int, ...], values: PadValues = NNUNET_PADDING
                  ) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """Pad spatial axes smaller than the patch with `value` (nnU-Net: 0), evenly on both sides;
-    return the undo slices."""
+    """Pad spatial axes smaller than the patch, evenly on both sides, with `values` per axis and
+    side (nnU-Net: 0 everywhere); return the undo slices."""
     pads = [(0, 0)]
     undo = [slice(None)]
     for size, patch in zip(data.shape[1:], patch_zyx, strict=True):
@@ -90,7 +94,7 @@ def pad_to_patch(data: np.ndarray, patch_zyx: tuple[int, ...], value: float = 0.
         undo.append(slice(diff // 2, diff // 2 + size))
     if all(p == (0, 0) for p in pads):
         return data, tuple(undo)
-    return np.pad(data, pads, mode="constant", constant_values=value), tuple(undo)
+    return np.pad(data, pads, mode="constant", constant_values=((0.0, 0.0), *values)), tuple(undo)
 
 
 def tiles(shape_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], step_size: float) -> Iterator[tuple[slice, ...]]:
@@ -204,7 +208,7 @@ def predict_logits(
     on_tile: Callable[[int, int], None] | None = None,
     accumulate: str = "host",
     labels: bool = False,
-    pad_value: float = 0.0,
+    pad_values: PadValues = NNUNET_PADDING,
 ) -> np.ndarray:
     """Sliding-window logits (or labels) of a preprocessed (c, z, y, x) array.
 
@@ -216,8 +220,8 @@ def predict_logits(
         `predict_tensor` and `device` (TorchBackend). `TorchBackend.accumulation_place` says which fits.
     labels: return the argmax (uint8) instead of the logits: the full (k, z, y, x) logits never
         exist then, only one band of them.
-    pad_value: what the network sees beyond an image smaller than the patch (nnU-Net: 0;
-        `Preprocessed.pad_value` says what else the crop calls for).
+    pad_values: what the network sees beyond an image smaller than the patch, per axis and side
+        (nnU-Net: 0; `Preprocessed.pad_values` says where a crop calls for something else).
     Returns (k, z, y, x) float32 logits, or (z, y, x) uint8 labels, on the unpadded grid, in host memory.
 
     Tiles come in z order, so once a row of tiles starting at z0 begins, every slice above z0 is
@@ -228,7 +232,7 @@ def predict_logits(
     if accumulate not in ACCUMULATE:
         raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
     patch = tuple(backend.patch_zyx)
-    padded, undo = pad_to_patch(np.asarray(data, dtype=np.float32), patch, pad_value)
+    padded, undo = pad_to_patch(np.asarray(data, dtype=np.float32), patch, pad_values)
     slicers = list(tiles(padded.shape[1:], patch, step_size))
     if accumulate == "device":
         import torch
