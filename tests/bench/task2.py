@@ -56,6 +56,17 @@ def prepare(workdir: Path, slices: int) -> tuple[Path, Path]:
     return model, inputs
 
 
+def config_sections(spec: str) -> dict:
+    """The [inference] and [preprocess] sections of a `backend:precision[:option=value,...]` spec."""
+    backend, precision, options = (spec.split(":") + [""])[:3]
+    options = dict(item.split("=") for item in options.split(",") if item)
+    inference = {"backend": backend, "precision": precision, "fit_patch": options.get("fit") == "1"}
+    if "step" in options:
+        inference["step_size"] = float(options["step"])
+    preprocess = {"body_threshold": float(options["body"])} if "body" in options else {}
+    return {"inference": inference, "preprocess": preprocess}
+
+
 def run_one(args: argparse.Namespace) -> None:
     """Child process: one configuration, one case, through `run_folder` as `flarebox predict` runs
     it (the case is read while the model loads); prints a JSON line with its figures."""
@@ -63,13 +74,9 @@ def run_one(args: argparse.Namespace) -> None:
     from flarebox.config import from_dict
     from flarebox.pipeline import Predictor, run_folder
 
-    options = dict(item.split("=") for item in args.options.split(",") if item)
-    inference = {"backend": args.backend, "precision": args.precision, "fit_patch": options.get("fit") == "1"}
-    if "step" in options:
-        inference["step_size"] = float(options["step"])
-    preprocess = {"body_threshold": float(options["body"])} if "body" in options else {}
-    config = from_dict({"model": {"folder": args.model}, "inference": inference, "preprocess": preprocess,
-                        "export": {"mode": args.export_mode}}, Path.cwd())
+    sections = config_sections(f"{args.backend}:{args.precision}:{args.options}")
+    config = from_dict({"model": {"folder": args.model}, **sections, "export": {"mode": args.export_mode}},
+                       Path.cwd())
     network_seconds, tiles, stages = 0.0, 0, {"imports": time.perf_counter() - t0}
 
     def load() -> Predictor:

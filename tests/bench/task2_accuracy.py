@@ -28,15 +28,9 @@ CONFIGS = [REFERENCE, "openvino:bf16", "openvino:int8", "openvino:int8:body=-500
 def predictor_for(spec: str):
     from flarebox.config import from_dict
     from flarebox.pipeline import Predictor
+    from tests.bench.task2 import config_sections
 
-    backend, precision, options = (spec.split(":") + [""])[:3]
-    options = dict(item.split("=") for item in options.split(",") if item)
-    inference = {"backend": backend, "precision": precision, "fit_patch": options.get("fit") == "1"}
-    if "step" in options:
-        inference["step_size"] = float(options["step"])
-    preprocess = {"body_threshold": float(options["body"])} if "body" in options else {}
-    return Predictor.from_config(from_dict({"model": {"folder": str(MODEL)}, "inference": inference,
-                                            "preprocess": preprocess}, ROOT))
+    return Predictor.from_config(from_dict({"model": {"folder": str(MODEL)}, **config_sections(spec)}, ROOT))
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Linear resampling uses half-voxel-centre alignment (torch's align_corners=False,
 output voxel j samples input coordinate (j + 0.5) * n_in / n_out - 0.5, clamped to the image.
 Trilinear interpolation is separable, so the NumPy engine resizes one axis at a time (two gathers
 and a blend per axis), on two threads. Measured on two cores (512x512x300 CT to 2.5 mm, `make
-bench`): torch 0.06 s, this NumPy engine 0.08 s, scipy.ndimage.zoom 0.39 s, SimpleITK 0.35 s. But
+bench`): this NumPy engine 0.07 s, torch 0.09-0.12 s, scipy.ndimage.zoom 0.27 s, SimpleITK 0.35 s. But
 importing torch costs ~0.7 s, so 'auto' uses torch only in a process that has it loaded already
 (the torch backend) and NumPy otherwise (the OpenVINO path, and the Task 2 image, which has no
 torch at all): the same input gives the same labels locally and in the image.
