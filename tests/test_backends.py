@@ -18,7 +18,7 @@ from tests.conftest import REAL_CT
 
 @pytest.fixture(scope="module")
 def real_ct_preprocessed(tiny_plan):
-    volume = io.read_image(REAL_CT)[1]
+    volume = io.read_image(REAL_CT)
     return preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, tiny_plan).data
 
 
@@ -45,7 +45,7 @@ def task2_demo():
     """The bundled Task 2 demo model (trained: random weights put logits near ties, which makes
     label agreement meaningless) on the real CT, with its torch f32 logits."""
     plan = load_plan(TASK2_MODEL)
-    volume = io.read_image(REAL_CT)[1]
+    volume = io.read_image(REAL_CT)
     data = preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, plan).data
     return plan, data, predict_logits(data, load_backend(plan, backend="torch"))
 

@@ -20,7 +20,7 @@ def test_cuda_fp16_matches_cpu_f32(tiny_torch_model_dir):
     from tests.conftest import REAL_CT
 
     tiny_plan = load_plan(tiny_torch_model_dir)
-    volume = io.read_image(REAL_CT)[1]
+    volume = io.read_image(REAL_CT)
     data = preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, tiny_plan).data
     cpu = predict_logits(data, load_backend(tiny_plan, backend="torch", device="cpu"))
     gpu = predict_logits(data, load_backend(tiny_plan, backend="torch", device="cuda", precision="fp16"))
@@ -60,7 +60,7 @@ def test_logits_summed_on_the_gpu_equal_host_sums_and_budget_decides(tiny_torch_
     from tests.conftest import REAL_CT
 
     plan = load_plan(tiny_torch_model_dir)
-    volume = io.read_image(REAL_CT)[1]
+    volume = io.read_image(REAL_CT)
     data = preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, plan).data
     backend = load_backend(plan, backend="torch", device="cuda", precision="fp16")
     backend.reset_peak()
@@ -90,7 +90,7 @@ def test_task1_case_within_budget_reports_peak(tmp_path):
          "inference": {"backend": "torch", "device": "cuda", "precision": "fp16", "gpu_memory_gb": 3.5}}, tmp_path))
     path = write_image(tmp_path / "big_0000.nii.gz", ct_like((300, 400, 400)), spacing_xyz=(0.8, 0.8, 1.0))
     timings = Timings()
-    labels = predictor.segment(io.read_image(path)[1], timings)
+    labels = predictor.segment(io.read_image(path), timings)
     print(f"\nTask 1 ResEnc, 300x400x400: {timings.line()}")
     assert set(np.unique(labels)) <= {0, 1}
     assert float(timings.notes["gpu_peak"].removesuffix("GB")) <= 3.5

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from flarebox import io
 from flarebox.errors import CaseError
-from tests.images import write_image
+from tests.images import LPS, RAS, oblique, write_image
 
 
 def test_discover_follows_the_naming_convention(tmp_path):
@@ -26,7 +26,7 @@ def test_discover_follows_the_naming_convention(tmp_path):
 def test_read_keeps_geometry_and_axis_order(tmp_path):
     array = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)  # z, y, x
     path = write_image(tmp_path / "x_0000.nii.gz", array, spacing_xyz=(0.7, 0.8, 2.5), origin=(1, 2, 3))
-    image, volume = io.read_image(path)
+    volume = io.read_image(path)
     assert volume.array_zyx.dtype == np.int16  # the file's type: preprocess converts its crop
     np.testing.assert_array_equal(volume.array_zyx, array)
     assert volume.geometry.spacing_zyx_mm == pytest.approx((2.5, 0.8, 0.7))
@@ -71,7 +71,7 @@ def test_read_rejects_truncated_2d_4d_and_nan(tmp_path):
 
 
 def test_write_labels_is_atomic_and_exact(tmp_path):
-    _, volume = io.read_image(write_image(tmp_path / "in_0000.nii.gz", np.zeros((3, 4, 5)), spacing_xyz=(1, 2, 3)))
+    volume = io.read_image(write_image(tmp_path / "in_0000.nii.gz", np.zeros((3, 4, 5)), spacing_xyz=(1, 2, 3)))
     labels = np.random.default_rng(1).integers(0, 14, size=(3, 4, 5)).astype(np.uint8)
     out = tmp_path / "out" / "in.nii.gz"
     out.parent.mkdir()
@@ -85,17 +85,83 @@ def test_write_labels_is_atomic_and_exact(tmp_path):
     assert os.listdir(out.parent) == ["in.nii.gz"]
 
 
+def _scaled_file(path, values, slope):
+    """An int16 NIfTI file whose header scales its values (read through ITK, as float)."""
+    import nibabel
+
+    image = nibabel.Nifti1Image(np.round(values / slope).astype(np.int16).transpose(2, 1, 0), np.eye(4))
+    image.header.set_slope_inter(slope, 0.0)
+    nibabel.save(image, str(path))
+    return path
+
+
 def test_a_volume_keeps_the_itk_image_it_views_alive(tmp_path):
-    # the voxels are not copied out of the ITK image: the array must keep that image alive
+    # files ITK reads (here a scaled one) are viewed in its buffer: the array must keep the image alive
     import gc
 
-    expected = np.random.default_rng(0).random((20, 30, 40), dtype=np.float32) * 500
-    path = write_image(tmp_path / "mri_0000.nii.gz", expected)
-    volume = io.read_image(path)[1]
+    expected = np.random.default_rng(0).integers(-500, 500, (20, 30, 40)).astype(np.float32)
+    path = _scaled_file(tmp_path / "mri_0000.nii.gz", expected, 0.5)
+    volume = io.read_image(path)
+    assert volume.array_zyx.dtype == np.float32
     gc.collect()
     _ = [np.full((20, 30, 40), 1e12, np.float32) for _ in range(20)]  # reuse freed memory, if any
     assert np.array_equal(volume.array_zyx, expected)
-    voxels = io.read_image(path)[1].array_zyx  # the Volume (and its image) gone: the array still holds it
+    voxels = io.read_image(path).array_zyx  # the Volume (and its image) gone: the array still holds it
     gc.collect()
     _ = [np.full((20, 30, 40), 1e12, np.float32) for _ in range(20)]
     assert np.array_equal(voxels, expected) and not voxels.flags.writeable
+
+
+GEOMETRIES = {
+    "LPS": LPS,
+    "RAS": RAS,
+    "oblique": oblique(),
+    "mirrored": (1.0, 0, 0, 0, 1.0, 0, 0, 0, -1.0),
+    "oblique mirrored": tuple((np.array(oblique(31.0)).reshape(3, 3) @ np.diag([1.0, -1.0, 1.0])).ravel()),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("direction", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+def test_direct_read_matches_itk(tmp_path, direction, dtype):
+    # plain files are inflated straight into NumPy: voxels, type and geometry as ITK reads them
+    values = np.random.default_rng(3).integers(0, 120, (6, 7, 9)).astype(dtype)
+    path = write_image(tmp_path / "x_0000.nii.gz", values, spacing_xyz=(0.7, 0.9, 2.5), origin=(-3, 4.5, 8),
+                       direction=direction)
+    volume, itk = io.read_image(path), sitk.ReadImage(str(path))
+    assert volume.array_zyx.dtype == sitk.GetArrayViewFromImage(itk).dtype == dtype
+    np.testing.assert_array_equal(volume.array_zyx, sitk.GetArrayViewFromImage(itk))
+    assert volume.geometry == io.Geometry(itk.GetSpacing(), itk.GetOrigin(), itk.GetDirection(), itk.GetSize())
+
+
+def test_scaled_files_are_read_through_itk_as_float(tmp_path):
+    values = np.random.default_rng(4).integers(-1000, 1000, (6, 7, 9)).astype(np.float64)
+    volume = io.read_image(_scaled_file(tmp_path / "s_0000.nii.gz", values, 0.25))
+    assert volume.array_zyx.dtype.kind == "f"
+    np.testing.assert_allclose(volume.array_zyx, np.round(values / 0.25) * 0.25)
+
+
+@pytest.mark.parametrize("direction", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+def test_written_header_matches_itks(tmp_path, direction):
+    # our header must give every reader what ITK's own writer gives it: the input's geometry
+    import nibabel
+
+    labels = np.random.default_rng(5).integers(0, 14, (6, 7, 9)).astype(np.uint8)
+    geometry = io.Geometry((0.7, 0.9, 2.5), (-3.0, 4.5, 8.0), direction, (9, 7, 6))
+    ours = tmp_path / "ours.nii.gz"
+    io.write_labels(ours, labels, geometry)
+    theirs = write_image(tmp_path / "itk.nii.gz", labels, spacing_xyz=geometry.spacing_xyz_mm,
+                         origin=geometry.origin_xyz_mm, direction=direction)
+    back = sitk.ReadImage(str(ours))
+    assert back.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(back), labels)
+    np.testing.assert_allclose(back.GetSpacing(), geometry.spacing_xyz_mm, rtol=1e-6)
+    np.testing.assert_allclose(back.GetOrigin(), geometry.origin_xyz_mm, atol=1e-5)
+    np.testing.assert_allclose(back.GetDirection(), geometry.direction, atol=1e-6)
+    ours_nib, theirs_nib = nibabel.load(str(ours)), nibabel.load(str(theirs))
+    np.testing.assert_allclose(ours_nib.header.get_qform(), theirs_nib.header.get_qform(), atol=1e-6)
+    np.testing.assert_allclose(ours_nib.header.get_sform(), theirs_nib.header.get_sform(), atol=1e-6)
+    for field in ("qform_code", "sform_code", "xyzt_units", "dim", "datatype", "bitpix"):
+        assert ours_nib.header[field].tolist() == theirs_nib.header[field].tolist(), field
+    assert ours_nib.header["pixdim"][0] == theirs_nib.header["pixdim"][0]  # qfac
+    np.testing.assert_array_equal(np.asarray(ours_nib.dataobj), labels.transpose(2, 1, 0))

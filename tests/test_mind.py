@@ -191,7 +191,7 @@ def test_preprocessing_for_a_mind_model_is_mind_of_the_intensity_preprocessing(m
     from flarebox.preprocess import preprocess
 
     plan = load_plan(mind_model_dir)
-    volume = io.read_image(mri_file)[1]
+    volume = io.read_image(mri_file)
     pre = preprocess(volume.array_zyx.copy(), volume.geometry.spacing_zyx_mm, plan, resampler="torch")
     intensity_plan = dataclasses.replace(plan, normalizations=plan.normalizations[:1],
                                          use_mask_for_norm=plan.use_mask_for_norm[:1], input_features="intensity")

@@ -44,7 +44,7 @@ def nnunet_logits(model: Path, data: np.ndarray, tmp_path: Path, step: float, fl
 def ours_and_input(tmp_path: Path, preset: str, step: float) -> tuple[Path, np.ndarray, np.ndarray]:
     model = nnunet_fixtures.make_trained_model_folder(tmp_path / "model", seed=3, **getattr(nnunet_fixtures, preset))
     plan = load_plan(model)
-    volume = io.read_image(REAL_CT)[1]
+    volume = io.read_image(REAL_CT)
     data = preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, plan).data
     return model, data, predict_logits(data, load_backend(plan, backend="torch"), step_size=step)
 

@@ -121,7 +121,7 @@ def test_overlapped_reads_and_writes_give_each_case_its_own_labels(predictor, tm
 def read_case_volume(path: Path):
     from flarebox import io
 
-    return io.read_image(path)[1]
+    return io.read_image(path)
 
 
 def test_cli_exit_status_and_progress_lines(tiny_model_dir, tmp_path):
@@ -181,7 +181,7 @@ def _real_volume():
     from flarebox import io
     from tests.conftest import REAL_CT
 
-    return io.read_image(REAL_CT)[1]
+    return io.read_image(REAL_CT)
 
 
 def test_ensemble_of_model_folders_averages_their_logits(tiny_torch_model_dir, tmp_path):

@@ -258,7 +258,7 @@ def test_the_engine_loads_the_checkpoint_and_segments(trained):
     assert network(torch.zeros(1, 1, *plan.patch_zyx)).shape == (1, 14, *plan.patch_zyx)
     predictor = Predictor.from_config(from_dict({"model": {"folder": str(root / "model")},
                                                  "inference": {"backend": "torch", "device": "cpu"}}, root))
-    volume = io.read_image(root / "raw" / "imagesTr" / "phantom_0000_0000.nii.gz")[1]
+    volume = io.read_image(root / "raw" / "imagesTr" / "phantom_0000_0000.nii.gz")
     labels = predictor.segment(volume)
     assert labels.shape == volume.array_zyx.shape and labels.max() < 14
 

@@ -40,7 +40,7 @@ def run(task: str, preset: str, slices: list[int], in_plane: int, spacing_xyz: t
     for n in slices:
         path = write_image(workdir / f"{task}_{n}_0000.nii.gz", ct_like((n, in_plane, in_plane), seed=n),
                            spacing_xyz=spacing_xyz)
-        volume = io.read_image(path)[1]
+        volume = io.read_image(path)
         timings = Timings()
         torch.cuda.synchronize()
         begin = time.perf_counter()

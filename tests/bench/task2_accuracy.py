@@ -49,7 +49,7 @@ def main() -> None:
                  for p in sorted((data / "imagesTr").glob("*_0000.nii.gz"))]
         if REAL_LABELS.is_file():
             cases.append((REAL_CT, REAL_LABELS))
-        volumes = [(io.read_image(image)[1], io.read_image(labels)[1].array_zyx.astype(np.uint8))
+        volumes = [(io.read_image(image), io.read_image(labels).array_zyx.astype(np.uint8))
                    for image, labels in cases]
     results = {}
     for spec in args.configs:

@@ -90,7 +90,7 @@ def _image_or_black(image_path: Path | None, shape_zyx: tuple[int, ...]) -> np.n
 
     if image_path is not None:
         try:
-            image = io.read_image(image_path)[1].array_zyx
+            image = io.read_image(image_path).array_zyx
             if image.shape == tuple(shape_zyx):
                 return image
         except (CaseError, RuntimeError):
@@ -111,10 +111,10 @@ def overlay(cases: Sequence[tuple[str, CaseRow, Path | None, Path | None, Path]]
     cmap = ListedColormap(colours)
     fig, axes = plt.subplots(len(cases), 4, figsize=(9.6, 2.5 * len(cases)), dpi=90, squeeze=False)
     for (title, row, image_path, pred_path, ref_path), ax_row in zip(cases, axes, strict=True):
-        ref_volume = io.read_image(ref_path)[1]
+        ref_volume = io.read_image(ref_path)
         reference = np.rint(ref_volume.array_zyx).astype(np.int16)
         image_zyx = _image_or_black(image_path, reference.shape)
-        prediction = (np.rint(io.read_image(pred_path)[1].array_zyx).astype(np.int16) if pred_path is not None
+        prediction = (np.rint(io.read_image(pred_path).array_zyx).astype(np.int16) if pred_path is not None
                       else np.zeros_like(reference))
         z, y = _mid_slices(reference)
         sz, sy, sx = ref_volume.geometry.spacing_zyx_mm

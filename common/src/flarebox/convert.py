@@ -31,7 +31,7 @@ def calibration_tiles(
     rng = np.random.default_rng(seed)
     tiles = []
     for path in images:
-        volume = io.read_image(Path(path))[1]
+        volume = io.read_image(Path(path))
         data = preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, plan, resampler="auto").data
         data, _ = pad_to_patch(data, plan.patch_zyx)
         starts = [np.array(s) for s in tile_starts(data.shape[1:], plan.patch_zyx, 0.5)]

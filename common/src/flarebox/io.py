@@ -7,16 +7,16 @@ beside the target and renamed, so a reader never sees half a file.
 
 from __future__ import annotations
 
-import gzip
+import math
 import os
 import struct
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from isal import igzip, isal_zlib
 
 from flarebox.errors import CaseError
 
@@ -69,54 +69,77 @@ def discover(input_dir: Path) -> tuple[list[Case], list[CaseError]]:
 
 
 FLOAT_DATATYPES = {16, 64, 1536}  # NIfTI float32, float64, float128
+# NIfTI datatypes read straight into NumPy, as the types ITK would give them; other files go through ITK.
+_DIRECT_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4"}
 
 
-def _nifti_datatype(header: bytes) -> int:
-    for endian in "<>":
-        sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
-        if sizeof_hdr == 348:
-            return struct.unpack(endian + "h", header[70:72])[0]
-        if sizeof_hdr == 540:
-            return struct.unpack(endian + "h", header[12:14])[0]
-    return 0
+@dataclass(frozen=True)
+class _Header:
+    """The fields of a NIfTI-1 or NIfTI-2 header that reading needs."""
+
+    endian: str
+    sizeof_hdr: int
+    dims: tuple[int, ...]  # dim[1] .. dim[dim[0]]
+    datatype: int
+    bitpix: int
+    vox_offset: int
+    scl_slope: float
+    scl_inter: float
+
+    @property
+    def data_offset(self) -> int:
+        return max(self.vox_offset, self.sizeof_hdr + 4)
+
+    @property
+    def file_bytes(self) -> int:
+        """Uncompressed size the header implies."""
+        return self.data_offset + math.prod(max(d, 1) for d in self.dims) * self.bitpix // 8
+
+    def direct_dtype(self) -> np.dtype | None:
+        """The NumPy type to read the voxels as, for a little-endian 3D file that ITK would not scale;
+        None sends the file through ITK."""
+        code = _DIRECT_DTYPES.get(self.datatype)
+        unscaled = self.scl_slope in (0.0, 1.0) and self.scl_inter == 0.0  # NaN fails both
+        if code is None or self.endian != "<" or len(self.dims) != 3 or not unscaled:
+            return None
+        return np.dtype("<" + code)
 
 
-def _expected_nifti_bytes(header: bytes) -> int | None:
-    """Uncompressed file size implied by a NIfTI-1 or NIfTI-2 header (None when it can't be told)."""
+def _parse_header(header: bytes) -> _Header | None:
+    if len(header) < 348:
+        return None
     for endian in "<>":
         sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
         if sizeof_hdr == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+            offset, slope, inter = struct.unpack(endian + "3f", header[108:120])
         elif sizeof_hdr == 540 and len(header) >= 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             offset = struct.unpack(endian + "q", header[168:176])[0]
+            slope, inter = struct.unpack(endian + "2d", header[176:192])
         else:
             continue
-        n_dims = dims[0]
-        if not 1 <= n_dims <= 7 or bitpix <= 0:
+        if not 1 <= dims[0] <= 7 or bitpix <= 0:
             return None
-        voxels = 1
-        for d in dims[1 : n_dims + 1]:
-            voxels *= max(int(d), 1)
-        return max(offset, sizeof_hdr + 4) + voxels * bitpix // 8
-    raise CaseError("", "")  # replaced by the caller's message
+        return _Header(endian, sizeof_hdr, tuple(int(d) for d in dims[1 : dims[0] + 1]), int(datatype),
+                       int(bitpix), int(offset), float(slope), float(inter))
+    return None
 
 
 def _gzip_member_is_complete(path: Path) -> bool:
     """Decompress the whole stream once, checking its CRC and length (slow path, rarely taken)."""
     try:
-        with gzip.open(path, "rb") as fh:
+        with igzip.open(path, "rb") as fh:
             while fh.read(1 << 24):
                 pass
-    except (OSError, EOFError, zlib.error):
+    except (OSError, EOFError, isal_zlib.error):
         return False
     return True
 
 
-def _check_nifti_file(path: Path) -> int:
+def _check_nifti_file(path: Path) -> _Header:
     """Fail early and plainly where ITK would either print a long stack of messages or, for a
     truncated .nii.gz, silently fill the missing voxels with zeros."""
     try:
@@ -126,21 +149,20 @@ def _check_nifti_file(path: Path) -> int:
             isize = struct.unpack("<I", fh.read(4))[0]  # gzip trailer: uncompressed size mod 2**32
         if magic != b"\x1f\x8b":
             raise CaseError(path, "cannot read: not gzip-compressed (expected a .nii.gz file)")
-        with gzip.open(path, "rb") as fh:
-            header = fh.read(540)
-    except (OSError, EOFError, zlib.error) as exc:
+        with igzip.open(path, "rb") as fh:
+            raw = fh.read(540)
+    except (OSError, EOFError, isal_zlib.error) as exc:
         raise CaseError(path, f"cannot read: corrupt gzip stream ({exc})") from exc
-    if len(header) < 348:
+    if len(raw) < 348:
         raise CaseError(path, "cannot read: truncated file (shorter than a NIfTI header)")
-    try:
-        expected = _expected_nifti_bytes(header)
-    except CaseError:
-        raise CaseError(path, "cannot read: not a NIfTI file (bad header)") from None
+    header = _parse_header(raw)
+    if header is None:
+        raise CaseError(path, "cannot read: not a NIfTI file (bad header)")
     # The trailer check is O(1); a mismatch is confirmed by full decompression before rejecting,
     # since a multi-member gzip file legitimately carries only its last member's size there.
-    if expected is not None and isize != expected % 2**32 and not _gzip_member_is_complete(path):
+    if isize != header.file_bytes % 2**32 and not _gzip_member_is_complete(path):
         raise CaseError(path, "cannot read: truncated or corrupt image data (gzip stream ends early)")
-    return _nifti_datatype(header)
+    return header
 
 
 def _count_non_finite(path: Path) -> int:
@@ -151,34 +173,74 @@ def _count_non_finite(path: Path) -> int:
     return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
-def read_image(path: Path) -> tuple[sitk.Image, Volume]:
-    """Read a 3D NIfTI image; returns the ITK image (for its metadata) and a (z, y, x) volume in the
-    file's voxel type (float when the header scales the values): a CT stays int16, half the memory
-    and bandwidth of float32 until preprocessing has cropped it."""
+def read_image(path: Path) -> Volume:
+    """Read a 3D NIfTI image as a (z, y, x) volume in the file's voxel type (float when the header
+    scales the values) with ITK's geometry: a CT stays int16, half the memory and bandwidth of float32
+    until preprocessing has cropped it. Plain files (3D, little-endian, unscaled: nearly every CT and
+    MRI) are inflated by ISA-L straight into the array, ~20 % faster than ITK's zlib (0.39 against
+    0.50 s for a 72 MB CT); ITK reads only their header. Every other file goes through ITK whole."""
     path = Path(path)
-    datatype = _check_nifti_file(path)
+    header = _check_nifti_file(path)
+    dtype = header.direct_dtype()
+    if dtype is None:
+        return _read_with_itk(path, header)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _itk_error(path, exc) from exc
+    geometry = _geometry(path, reader, reader.GetNumberOfComponents())
+    voxels = np.empty(geometry.shape_zyx, dtype)
+    buffer = memoryview(voxels).cast("B")
+    filled = 0
+    try:
+        with igzip.open(path, "rb") as fh:
+            fh.seek(header.data_offset)
+            while filled < len(buffer) and (n := fh.readinto(buffer[filled:])):
+                filled += n
+    except (OSError, EOFError, isal_zlib.error) as exc:
+        raise CaseError(path, f"cannot read: truncated or corrupt image data ({exc})") from exc
+    if filled < len(buffer):
+        raise CaseError(path, f"cannot read: truncated image data ({filled} of {len(buffer)} bytes)")
+    if dtype.kind == "f" and (bad := voxels.size - np.count_nonzero(np.isfinite(voxels))):
+        raise CaseError(path, f"{bad} voxels are NaN or infinite")
+    return Volume(voxels, geometry)
+
+
+def _read_with_itk(path: Path, header: _Header) -> Volume:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line for line in first if "ERROR" in line or "rror" in line), first[-1] if first else "")
-        raise CaseError(path, f"cannot read: truncated or corrupt image data ({detail.strip()[:120]})") from exc
-    dim = image.GetDimension()
-    if dim != 3:
-        raise CaseError(path, f"{dim}D image of size {image.GetSize()}: expected a 3D volume")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise CaseError(path, f"{image.GetNumberOfComponentsPerPixel()} components per voxel: expected 1")
-    if min(image.GetSize()) < 2:
-        raise CaseError(path, f"image of size {image.GetSize()} is flat: expected a 3D volume")
-    if datatype in FLOAT_DATATYPES and (bad := _count_non_finite(path)):
+        raise _itk_error(path, exc) from exc
+    geometry = _geometry(path, image, image.GetNumberOfComponentsPerPixel())
+    if header.datatype in FLOAT_DATATYPES and (bad := _count_non_finite(path)):
         raise CaseError(path, f"{bad} voxels are NaN or infinite")
-    geometry = Geometry(
-        spacing_xyz_mm=tuple(image.GetSpacing()),
-        origin_xyz_mm=tuple(image.GetOrigin()),
-        direction=tuple(image.GetDirection()),
-        size_xyz=tuple(image.GetSize()),
+    return Volume(_owning_view(image), geometry)
+
+
+def _itk_error(path: Path, exc: RuntimeError) -> CaseError:
+    lines = str(exc).strip().splitlines()
+    detail = next((line for line in lines if "ERROR" in line or "rror" in line), lines[-1] if lines else "")
+    return CaseError(path, f"cannot read: truncated or corrupt image data ({detail.strip()[:120]})")
+
+
+def _geometry(path: Path, source: sitk.Image | sitk.ImageFileReader, components: int) -> Geometry:
+    """The grid of an ITK image or of a reader that has read a file's header; anything but one
+    value per voxel on a 3D grid is refused."""
+    dim = source.GetDimension()
+    if dim != 3:
+        raise CaseError(path, f"{dim}D image of size {source.GetSize()}: expected a 3D volume")
+    if components != 1:
+        raise CaseError(path, f"{components} components per voxel: expected 1")
+    if min(source.GetSize()) < 2:
+        raise CaseError(path, f"image of size {source.GetSize()} is flat: expected a 3D volume")
+    return Geometry(
+        spacing_xyz_mm=tuple(source.GetSpacing()),
+        origin_xyz_mm=tuple(source.GetOrigin()),
+        direction=tuple(source.GetDirection()),
+        size_xyz=tuple(source.GetSize()),
     )
-    return image, Volume(_owning_view(image), geometry)
 
 
 class _ImageVoxels:
@@ -197,25 +259,78 @@ def _owning_view(image: sitk.Image) -> np.ndarray:
 
 
 def read_case(case: Case) -> Volume:
-    return read_image(case.path)[1]
+    return read_image(case.path)
 
 
 def write_labels(path: Path, labels_zyx: np.ndarray, geometry: Geometry, compression_level: int = 1) -> None:
-    """Write uint8 labels on the given geometry, atomically (temporary file in the same folder, then rename)."""
+    """Write uint8 labels on the given geometry as a gzip-compressed NIfTI-1 file, atomically
+    (temporary file in the same folder, then rename). ISA-L deflates (levels 0-3): at level 1 a
+    512x512x300 label map takes 0.01 s when smooth and 0.18 s when speckled, where ITK's zlib at its
+    fastest level takes 0.11 and 0.73 s."""
     path = Path(path)
     if tuple(labels_zyx.shape) != geometry.shape_zyx:
         raise ValueError(f"labels of shape {labels_zyx.shape} do not fit the grid {geometry.shape_zyx}")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(labels_zyx, dtype=np.uint8))
-    image.SetSpacing(geometry.spacing_xyz_mm)
-    image.SetOrigin(geometry.origin_xyz_mm)
-    image.SetDirection(geometry.direction)
+    voxels = memoryview(np.ascontiguousarray(labels_zyx, dtype=np.uint8)).cast("B")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
     try:
-        # Level 1 writes a 512x512x300 label map in ~0.1 s; higher levels gain little on label maps.
-        sitk.WriteImage(image, tmp, True, compression_level)
+        with os.fdopen(fd, "wb") as fh:
+            deflate = isal_zlib.compressobj(compression_level, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS)
+            fh.write(deflate.compress(_label_header(geometry)))
+            for start in range(0, len(voxels), 1 << 24):
+                fh.write(deflate.compress(voxels[start : start + (1 << 24)]))
+            fh.write(deflate.flush())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _label_header(geometry: Geometry) -> bytes:
+    """The NIfTI-1 header of a uint8 label map on `geometry` (348 bytes, then the 4-byte extension
+    flag, voxels from byte 352), with the choices ITK's writer makes: qform and sform both from the
+    direction, spacing and origin, code 1 (scanner); millimetres and seconds."""
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    direction = lps_to_ras @ np.asarray(geometry.direction, float).reshape(3, 3)
+    origin = lps_to_ras @ np.asarray(geometry.origin_xyz_mm, float)
+    spacing = np.asarray(geometry.spacing_xyz_mm, float)
+    (b, c, d), qfac = _quaternion(direction)
+    header = bytearray(348)
+    struct.pack_into("<i", header, 0, 348)
+    header[38] = ord("r")
+    struct.pack_into("<8h", header, 40, 3, *geometry.size_xyz, 1, 1, 1, 1)
+    struct.pack_into("<2h", header, 70, 2, 8)  # datatype uint8, bitpix
+    struct.pack_into("<8f", header, 76, qfac, *spacing, 0, 0, 0, 0)
+    struct.pack_into("<3f", header, 108, 352.0, 1.0, 0.0)  # vox_offset, scl_slope, scl_inter
+    header[123] = 2 | 8  # xyzt_units: millimetres, seconds
+    struct.pack_into("<2h", header, 252, 1, 1)  # qform_code, sform_code
+    struct.pack_into("<6f", header, 256, b, c, d, *origin)
+    struct.pack_into("<12f", header, 280, *np.hstack([direction * spacing, origin[:, None]]).ravel())
+    header[344:348] = b"n+1\0"
+    return bytes(header) + bytes(4)
+
+
+def _quaternion(direction: np.ndarray) -> tuple[tuple[float, float, float], float]:
+    """The qform's (b, c, d) and qfac for a direction matrix (columns: the axes in RAS): the nearest
+    rotation, with a mirrored third axis folded into qfac = -1. Of 4a², 4b², 4c², 4d² the largest is
+    taken from the diagonal and the rest from it, which keeps every case free of cancellation."""
+    u, _, vt = np.linalg.svd(direction)
+    r = u @ vt
+    qfac = 1.0
+    if np.linalg.det(r) < 0:
+        qfac = -1.0
+        r[:, 2] *= -1
+    squares = [1 + r[0, 0] + r[1, 1] + r[2, 2], 1 + r[0, 0] - r[1, 1] - r[2, 2],
+               1 - r[0, 0] + r[1, 1] - r[2, 2], 1 - r[0, 0] - r[1, 1] + r[2, 2]]
+    k = int(np.argmax(squares))
+    s = 2.0 * math.sqrt(squares[k])  # 4 × the largest component
+    if k == 0:
+        a, b, c, d = s / 4, (r[2, 1] - r[1, 2]) / s, (r[0, 2] - r[2, 0]) / s, (r[1, 0] - r[0, 1]) / s
+    elif k == 1:
+        a, b, c, d = (r[2, 1] - r[1, 2]) / s, s / 4, (r[0, 1] + r[1, 0]) / s, (r[0, 2] + r[2, 0]) / s
+    elif k == 2:
+        a, b, c, d = (r[0, 2] - r[2, 0]) / s, (r[0, 1] + r[1, 0]) / s, s / 4, (r[1, 2] + r[2, 1]) / s
+    else:
+        a, b, c, d = (r[1, 0] - r[0, 1]) / s, (r[0, 2] + r[2, 0]) / s, (r[1, 2] + r[2, 1]) / s, s / 4
+    sign = -1.0 if a < 0 else 1.0  # the qform stores b, c, d of the quaternion with a >= 0
+    return (sign * b, sign * c, sign * d), qfac

@@ -256,7 +256,7 @@ def score_files(pred_path: str | Path, gt_path: str | Path, task: str = "organs"
     """Score a predicted label file against the ground truth; both must lie on one voxel grid."""
     from flarebox import io
 
-    pred_volume, gt_volume = io.read_image(Path(pred_path))[1], io.read_image(Path(gt_path))[1]
+    pred_volume, gt_volume = io.read_image(Path(pred_path)), io.read_image(Path(gt_path))
     pred_grid, gt_grid = pred_volume.geometry, gt_volume.geometry
     same = (pred_grid.size_xyz == gt_grid.size_xyz
             and np.allclose(pred_grid.spacing_xyz_mm, gt_grid.spacing_xyz_mm, rtol=0, atol=1e-4)

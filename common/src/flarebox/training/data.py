@@ -98,8 +98,8 @@ def resample_labels(labels_zyx: np.ndarray, shape_zyx: tuple[int, ...]) -> np.nd
 
 def preprocess_case(case: RawCase, plan: ModelPlan) -> tuple[np.ndarray, np.ndarray]:
     """(c, z, y, x) float32 image and (z, y, x) uint8 labels on the plan's grid."""
-    volume = io.read_image(case.image_path)[1]
-    labels = io.read_image(case.label_path)[1].array_zyx
+    volume = io.read_image(case.image_path)
+    labels = io.read_image(case.label_path).array_zyx
     if labels.shape != volume.array_zyx.shape:
         raise CaseError(case.label_path, f"labels {labels.shape} and image {volume.array_zyx.shape} differ in shape")
     if labels.min() < 0 or labels.max() > 255 or not np.array_equal(labels, np.round(labels)):

@@ -131,8 +131,8 @@ def score_model(model: Path, task: DemoTask, held_out: Path) -> dict:
     per_case, seconds = {}, []
     for image in sorted((held_out / "imagesTr").glob(f"*{io.INPUT_SUFFIX}")):
         case_id = image.name[: -len(io.INPUT_SUFFIX)]
-        volume = io.read_image(image)[1]
-        reference = io.read_image(held_out / "labelsTr" / f"{case_id}.nii.gz")[1].array_zyx.astype(np.uint8)
+        volume = io.read_image(image)
+        reference = io.read_image(held_out / "labelsTr" / f"{case_id}.nii.gz").array_zyx.astype(np.uint8)
         start = time.perf_counter()
         labels = predictor.segment(volume)
         seconds.append(time.perf_counter() - start)
@@ -143,8 +143,8 @@ def score_model(model: Path, task: DemoTask, held_out: Path) -> dict:
               "held_out_phantoms": {"cases": len(per_case), "mean": mean, "per_case": per_case,
                                     "seconds_per_case": float(np.mean(seconds))}}
     if task.label_set == "organs" and REAL_LABELS.is_file():
-        volume = io.read_image(REAL_CT)[1]
-        reference = io.read_image(REAL_LABELS)[1].array_zyx.astype(np.uint8)
+        volume = io.read_image(REAL_CT)
+        reference = io.read_image(REAL_LABELS).array_zyx.astype(np.uint8)
         result["real_ct"] = {"image": REAL_CT.name, "labels": REAL_LABELS.name,
                              "scores": score_case(predictor.segment(volume), reference,
                                                   volume.geometry.spacing_zyx_mm, "organs")}

@@ -175,7 +175,7 @@ class Quality:
         for case_id, path in labels.items():
             truth = self.truth(case_id)
             if truth is not None:
-                pred, gt = io.read_image(path)[1], io.read_image(truth)[1]
+                pred, gt = io.read_image(path), io.read_image(truth)
                 per_case[case_id] = score_case(np.rint(pred.array_zyx).astype(np.uint8),
                                                np.rint(gt.array_zyx).astype(np.uint8),
                                                gt.geometry.spacing_zyx_mm, "organs")
@@ -210,7 +210,7 @@ def predict_images(model_dir: Path, images: dict[str, Path], out_dir: Path, devi
         predictor = predictor_for(model_dir, device)
         for n, case_id in enumerate(todo, start=1):
             start = time.perf_counter()
-            volume = io.read_image(images[case_id])[1]
+            volume = io.read_image(images[case_id])
             io.write_labels(outputs[case_id], predictor.segment(volume), volume.geometry)
             log.info("  [%d/%d] %s: %.1fs", n, len(todo), case_id, time.perf_counter() - start)
     return outputs
@@ -319,7 +319,7 @@ class Pipeline:
     def step3_select(self) -> dict:
         counts = {}
         for case_id in self._t1_images():
-            labels = io.read_image(self.work / "2_pseudo_t1" / f"{case_id}.nii.gz")[1].array_zyx
+            labels = io.read_image(self.work / "2_pseudo_t1" / f"{case_id}.nii.gz").array_zyx
             counts[case_id] = len(organs_present(np.rint(labels).astype(np.uint8), self.config.min_organ_voxels))
         passed = select_complete(counts, self.config.min_organs)
         selected = select_complete(counts, self.config.min_organs, self.config.min_selected)

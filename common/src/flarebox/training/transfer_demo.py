@@ -84,11 +84,11 @@ def score_on(model_dir: Path, images_dir: Path, truth_dir: Path) -> dict:
     per_case, seconds = {}, []
     for image in sorted(images_dir.glob(f"*{io.INPUT_SUFFIX}")):
         case_id = image.name[: -len(io.INPUT_SUFFIX)]
-        volume = io.read_image(image)[1]
+        volume = io.read_image(image)
         start = time.perf_counter()
         labels = predictor.segment(volume)
         seconds.append(time.perf_counter() - start)
-        truth = io.read_image(truth_dir / f"{case_id}.nii.gz")[1]
+        truth = io.read_image(truth_dir / f"{case_id}.nii.gz")
         per_case[case_id] = score_case(labels, np.rint(truth.array_zyx).astype(np.uint8),
                                        truth.geometry.spacing_zyx_mm, "organs")
     mean = {name: {m: float(np.mean([c[name][m] for c in per_case.values()])) for m in ("dsc", "nsd")}
