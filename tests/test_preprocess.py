@@ -17,7 +17,7 @@ from flarebox.preprocess import (
     preprocess,
     target_shape,
 )
-from flarebox.resample import resize_linear, resize_nearest
+from flarebox.resample import nearest_indices, resize_linear, resize_nearest
 
 
 def test_ct_normalisation_clips_then_standardises():
@@ -119,6 +119,19 @@ def test_nearest_resize_round_trip():
     up = resize_nearest(labels, (8, 15, 12))
     assert up.shape == (8, 15, 12)
     np.testing.assert_array_equal(up[::2, 1::3, ::2], labels)
+
+
+@pytest.mark.parametrize("shape", [(9, 15, 12), (4, 15, 12), (9, 5, 6), (4, 5, 13), (4, 5, 6), (3, 2, 6)])
+def test_nearest_resize_equals_one_gather_into_a_view(shape):
+    labels = np.random.default_rng(2).integers(0, 14, (4, 5, 6)).astype(np.uint8)
+    index = [nearest_indices(n_in, n_out) for n_in, n_out in zip(labels.shape, shape, strict=True)]
+    expected = labels[np.ix_(*index)]
+    np.testing.assert_array_equal(resize_nearest(labels, shape), expected)
+    full = np.full((shape[0] + 2, shape[1] + 3, shape[2] + 1), 99, np.uint8)
+    resize_nearest(labels, shape, out=full[1:-1, 2:-1, 1:])
+    np.testing.assert_array_equal(full[1:-1, 2:-1, 1:], expected)
+    full[1:-1, 2:-1, 1:] = 99
+    assert (full == 99).all()  # nothing written outside the view
 
 
 def test_preprocess_end_to_end(tiny_plan):

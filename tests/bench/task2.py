@@ -71,6 +71,7 @@ def run_one(args: argparse.Namespace) -> None:
     """Child process: one configuration, one case, through `run_folder` as `flarebox predict` runs
     it (the case is read while the model loads); prints a JSON line with its figures."""
     t0 = time.perf_counter()
+    from flarebox.cli import leave_now
     from flarebox.config import from_dict
     from flarebox.pipeline import Predictor, run_folder
 
@@ -102,6 +103,7 @@ def run_one(args: argparse.Namespace) -> None:
     if run_folder(load, Path(args.inputs), Path(args.out), on_case=lambda case, t: stages.update(t.stages)):
         raise SystemExit("the case failed")
     print(json.dumps({"stages": stages, "network": network_seconds, "tiles": tiles}))
+    leave_now(0)  # as `python -m flarebox predict` ends
 
 
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:

@@ -1,3 +1,8 @@
-from flarebox.cli import main
+import sys
 
-raise SystemExit(main())
+from flarebox.cli import leave_now, main
+
+code = main()
+if sys.argv[1:2] == ["predict"]:
+    leave_now(code)
+raise SystemExit(code)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from flarebox.errors import ConfigError
 
@@ -117,3 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flarebox: {exc}", file=sys.stderr)
         return 2
+
+
+def leave_now(code: int) -> NoReturn:
+    """End a `predict` process without the interpreter's teardown (OpenVINO's plugin and threads
+    unloaded, every array freed one by one): 0.1-0.17 s of a container's run, after every output
+    has been written, closed and renamed (run_folder joins its writer before it returns)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

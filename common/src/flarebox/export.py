@@ -59,18 +59,15 @@ def to_original_grid(
     slab: output slices per step in 'logits' mode (memory ~ k * slab * y * x * 4 bytes).
     """
     cropped_shape = tuple(b - a for a, b in pre.bbox)
+    full = np.zeros(pre.shape_before_crop, dtype=np.uint8)  # background around the crop
+    crop = tuple(slice(a, b) for a, b in pre.bbox)
     if mode == "labels":
         low_res = prediction if prediction.ndim == 3 else np.argmax(prediction, axis=0)
-        cropped = resize_nearest(low_res.astype(np.uint8, copy=False), cropped_shape)
+        resize_nearest(low_res.astype(np.uint8, copy=False), cropped_shape, out=full[crop])
     elif mode == "logits":
         if prediction.ndim != 4:
             raise ValueError("export mode 'logits' needs (k, z, y, x) logits, not labels")
-        cropped = _logits_to_labels_trilinear(prediction, cropped_shape, resampler, slab)
+        full[crop] = _logits_to_labels_trilinear(prediction, cropped_shape, resampler, slab)
     else:
         raise ValueError(f"export mode {mode!r} is not one of {EXPORT_MODES}")
-    if cropped_shape == pre.shape_before_crop:
-        full = cropped
-    else:
-        full = np.zeros(pre.shape_before_crop, dtype=np.uint8)
-        full[tuple(slice(a, b) for a, b in pre.bbox)] = cropped
     return np.ascontiguousarray(np.transpose(full, pre.transpose_backward))

@@ -193,9 +193,11 @@ class Predictor:
                 device=resolve_device(cfg.inference.device),
                 on_shape=compile_tiles,
             )
+        if compiling:
+            with timings.stage("compile"):  # the part of the fitted shape's compilation preprocessing left
+                for future in compiling:
+                    future.result()
         with timings.stage("infer"):
-            for future in compiling:
-                future.result()
             # one model exported as labels: the sliding window hands back labels, never all logits
             as_labels = len(self.models) == 1 and cfg.export.mode == "labels"
             pads = pre.pad_values

@@ -88,12 +88,29 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     return np.clip(np.rint(coords), 0, n_in - 1).astype(np.intp)
 
 
-def resize_nearest(labels: np.ndarray, shape_zyx: tuple[int, ...]) -> np.ndarray:
+def resize_nearest(labels: np.ndarray, shape_zyx: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
     """Nearest-neighbour resize of a (z, y, x) label map by index gathering (no interpolation).
 
-    One axis at a time: three contiguous gathers are 3x faster than one np.ix_ gather here."""
-    out = labels
-    for axis, (n_in, n_out) in enumerate(zip(labels.shape, shape_zyx, strict=True)):
-        if n_in != n_out:
-            out = np.take(out, nearest_indices(n_in, n_out), axis=axis)
+    One axis at a time: three contiguous gathers are 3x faster than one np.ix_ gather here. The
+    last (largest) gather runs on the CPU's threads split along z, straight into `out` when given
+    (a view into a larger array, say): no full-size intermediate."""
+    changed = [axis for axis, (n_in, n_out) in enumerate(zip(labels.shape, shape_zyx, strict=True)) if n_in != n_out]
+    source = labels
+    for axis in changed[:-1]:
+        source = np.take(source, nearest_indices(labels.shape[axis], shape_zyx[axis]), axis=axis)
+    if out is None:
+        out = np.empty(shape_zyx, dtype=labels.dtype)
+    if not changed:
+        out[...] = source
+        return out
+    last = changed[-1]
+    index = nearest_indices(labels.shape[last], shape_zyx[last])
+
+    def gather(part: slice) -> None:  # mode="clip": no bounds check (the indices are in range), no buffering
+        if last == 0:
+            np.take(source, index[part], axis=0, out=out[part], mode="clip")
+        else:
+            np.take(source[part], index, axis=last, out=out[part], mode="clip")
+
+    over_slices(gather, shape_zyx[0])
     return out

@@ -26,7 +26,9 @@ class Backend(Protocol):
     num_classes: int
 
     def predict(self, tile: np.ndarray) -> np.ndarray:
-        """(1, c, *patch) float32 -> (1, k, *patch) float32 logits."""
+        """(1, c, *patch) float32 -> (1, k, *patch) float32 logits, which may live in the runtime's
+        own buffer (OpenVINO): the caller may change them, and must copy them to keep them past
+        the next call."""
         ...
 
 
@@ -128,7 +130,9 @@ class _HostArrays:
 
     def tile_logits(self, region: tuple[slice, ...], mirroring: bool) -> np.ndarray:
         tile = np.ascontiguousarray(self.source[(slice(None), *region)])[None]
-        logits = self.backend.predict(tile)[0]  # a fresh array per call (both backends): ours to change
+        logits = self.backend.predict(tile)[0]
+        if mirroring:  # the next call may overwrite the first logits' buffer
+            logits = logits.copy()
         for axes in FLIPS if mirroring else ():
             logits += np.flip(self.backend.predict(np.ascontiguousarray(np.flip(tile, axes)))[0],
                               tuple(a - 1 for a in axes))
@@ -146,18 +150,18 @@ class _HostArrays:
 
 def argmax_classes(scores: np.ndarray) -> np.ndarray:
     """np.argmax(scores, axis=0) as uint8 (first maximum wins, as there), for (k, z, y, x) float
-    scores with k < 256: a running maximum over the classes, on the CPU's threads split along z. NumPy's
-    own argmax over a leading axis transposes the whole array first; this is ~1.5-2x faster."""
-    labels = np.empty(scores.shape[1:], dtype=np.uint8)
+    scores with k < 256, on the CPU's threads split along z: the maximum over the classes in one
+    reduction, then each class, last to first, marks where it reaches it. NumPy's own argmax over a
+    leading axis transposes the whole array first: on 14 x 30 x 160 x 192 scores it takes 0.05-0.06 s,
+    this 0.012-0.015 s on two threads (a running maximum, three passes a class, took 0.018)."""
+    labels = np.zeros(scores.shape[1:], dtype=np.uint8)  # NaN scores equal nothing: label 0
 
     def run(part: slice) -> None:
-        best, out = scores[0, part].copy(), labels[part]
-        out[...] = 0
-        better = np.empty(best.shape, dtype=bool)
-        for k in range(1, scores.shape[0]):
-            np.greater(scores[k, part], best, out=better)
-            np.copyto(out, np.uint8(k), where=better)
-            np.maximum(best, scores[k, part], out=best)
+        best, out = scores[:, part].max(axis=0), labels[part]
+        reaches = np.empty(best.shape, dtype=bool)
+        for k in range(scores.shape[0] - 1, -1, -1):
+            np.equal(scores[k, part], best, out=reaches)
+            np.copyto(out, np.uint8(k), where=reaches)
 
     over_slices(run, scores.shape[1])
     return labels
