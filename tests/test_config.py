@@ -43,6 +43,7 @@ def test_overrides_from_the_command_line(tmp_path):
         ("[inference]\nstep_size = 0\n", "[inference] step_size"),
         ('[inference]\nmirroring = "yes"\n', "expected true or false"),
         ('[export]\nmode = "cubic"\n', "[export] mode"),
+        ('[preprocess]\nresampler = "scipy"\n', "[preprocess] resampler"),  # scipy's engine is gone
         ("[model]\nfolds = []\n", "[model] folds"),
         ("[model\n", "config.toml"),
     ],

@@ -21,6 +21,7 @@ from typing import Any
 from flarebox.backends import BACKENDS, PRECISIONS
 from flarebox.errors import ConfigError
 from flarebox.export import EXPORT_MODES
+from flarebox.resample import ENGINES
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,7 @@ def validate(config: TaskConfig) -> TaskConfig:
         (inf.device in ("cpu", "cuda", "auto"), "[inference] device", "cpu, cuda or auto"),
         (0 < inf.step_size <= 1, "[inference] step_size", "in (0, 1]"),
         (config.export.mode in EXPORT_MODES, "[export] mode", f"one of {EXPORT_MODES}"),
-        (config.preprocess.resampler in ("auto", "torch", "numpy"), "[preprocess] resampler",
-         "auto, torch or numpy"),
+        (config.preprocess.resampler in ENGINES, "[preprocess] resampler", f"one of {ENGINES}"),
         (config.preprocess.features in ("intensity", "mind"), "[preprocess] features", "intensity or mind"),
         (len(config.model.folds) > 0, "[model] folds", "at least one fold"),
         (inf.gpu_memory_gb > 0, "[inference] gpu_memory_gb", "positive"),

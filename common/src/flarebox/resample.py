@@ -98,11 +98,13 @@ def resize_nearest(labels: np.ndarray, shape_zyx: tuple[int, ...], out: np.ndarr
     source = labels
     for axis in changed[:-1]:
         source = np.take(source, nearest_indices(labels.shape[axis], shape_zyx[axis]), axis=axis)
+    if not changed:
+        if out is None:
+            return labels
+        out[...] = labels
+        return out
     if out is None:
         out = np.empty(shape_zyx, dtype=labels.dtype)
-    if not changed:
-        out[...] = source
-        return out
     last = changed[-1]
     index = nearest_indices(labels.shape[last], shape_zyx[last])
 
