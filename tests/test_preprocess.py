@@ -77,6 +77,18 @@ def test_body_bbox_on_an_int16_ct_matches_float():
     assert box == body_bbox(ct.astype(np.float32), -500.0, (1, 2, 3)) == ((3, 16), (8, 35), (2, 24))
 
 
+def test_body_bbox_matches_the_mask_it_never_makes():
+    rng = np.random.default_rng(5)
+    image = rng.normal(-900.0, 150.0, size=(17, 23, 29)).astype(np.float32)
+    image[rng.random(image.shape) < 0.05] = np.nan  # NaN is above nothing, as in a mask
+    image[3, 20, 1] = image[9, 2, 27] = -100.0  # isolated body voxels at far corners
+    for threshold in (-500.0, -200.0, 1e9):
+        mask = image > threshold
+        hits = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        expected = tuple((int(h[0]), int(h[-1]) + 1) for h in hits) if mask.any() else ((0, 17), (0, 23), (0, 29))
+        assert body_bbox(image, threshold, (0, 0, 0)) == expected
+
+
 def test_target_shape_rounds_like_nnunet():
     assert target_shape((300, 512, 512), (2.5, 0.8, 0.8), (2.5, 2.5, 2.5)) == (300, 164, 164)
     assert target_shape((31, 101, 122), (3.0, 3.0, 3.0), (1.0, 0.8, 0.8)) == (93, 379, 458)
