@@ -134,6 +134,18 @@ def test_direct_read_matches_itk(tmp_path, direction, dtype):
     assert volume.geometry == io.Geometry(itk.GetSpacing(), itk.GetOrigin(), itk.GetDirection(), itk.GetSize())
 
 
+def test_direct_read_of_a_multi_member_gzip_is_whole_and_read_only(tmp_path):
+    # bgzip-style files hold several gzip members; the one-call inflate must read past the first
+    values = np.random.default_rng(6).integers(-1000, 1000, (9, 8, 7)).astype(np.int16)
+    single = write_image(tmp_path / "one_0000.nii.gz", values)
+    raw = gzip.decompress(single.read_bytes())
+    split = tmp_path / "two_0000.nii.gz"
+    split.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    volume = io.read_image(split)
+    np.testing.assert_array_equal(volume.array_zyx, values)
+    assert not volume.array_zyx.flags.writeable  # as on ITK's path: nothing writes into an input
+
+
 def test_scaled_files_are_read_through_itk_as_float(tmp_path):
     values = np.random.default_rng(4).integers(-1000, 1000, (6, 7, 9)).astype(np.float64)
     volume = io.read_image(_scaled_file(tmp_path / "s_0000.nii.gz", values, 0.25))
