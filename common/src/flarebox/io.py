@@ -197,9 +197,9 @@ def read_image(path: Path) -> Volume:
         raise _itk_error(path, exc) from exc
     geometry = _geometry(path, reader, reader.GetNumberOfComponents())
     try:  # one call over the mapped file: it holds the GIL only to start and end (see the docstring)
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            with memoryview(mapped) as compressed:
-                raw = igzip.decompress(compressed)
+        with (open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+              memoryview(mapped) as compressed):
+            raw = igzip.decompress(compressed)
     except (OSError, EOFError, ValueError, isal_zlib.error) as exc:
         raise CaseError(path, f"cannot read: truncated or corrupt image data ({exc})") from exc
     count = math.prod(geometry.shape_zyx)
