@@ -135,6 +135,33 @@ def test_labels_are_the_argmax_of_the_logits_without_holding_them(accumulate):
     np.testing.assert_array_equal(labels, logits.argmax(0))
 
 
+@pytest.mark.parametrize(("slices", "step"), [(8, 0.5), (29, 0.3), (29, 0.5), (40, 0.75), (61, 0.75), (37, 1.0),
+                                               (50, 0.9)])
+@pytest.mark.parametrize("mirroring", [False, True])
+def test_a_column_of_tiles_labels_as_the_band_does(monkeypatch, slices, step, mirroring):
+    # tiles that span the y-x plane: labels come from a carry as deep as the overlaps (three tiles
+    # deep below step 0.5), never from the band; they must be the argmax of the stitched logits
+    torch = pytest.importorskip("torch")
+    from flarebox import sliding_window
+    from flarebox.backends.torch_runtime import TorchBackend
+
+    torch.manual_seed(1)
+    backend = TorchBackend([torch.nn.Conv3d(1, 5, 3, padding=1).eval()], (8, 16, 12), 5, device="cpu")
+    data = np.random.default_rng(3).normal(size=(1, slices, 16, 10)).astype(np.float32)  # x padded to 12
+    logits = predict_logits(data, backend, step_size=step, mirroring=mirroring)
+    seen = []
+
+    def no_band(*args):
+        raise AssertionError("a column of tiles went through the band")
+
+    monkeypatch.setattr(sliding_window, "_band_sums", no_band)
+    labels = predict_logits(data, backend, step_size=step, mirroring=mirroring, labels=True,
+                            on_tile=lambda done, total: seen.append(done))
+    assert labels.dtype == np.uint8 and labels.shape == (slices, 16, 10)
+    np.testing.assert_array_equal(labels, logits.argmax(0))
+    assert seen == list(range(1, len(tile_starts((slices,), (8,), step)[0]) + 1))
+
+
 @pytest.mark.parametrize("shape", [(14, 20, 33, 17), (3, 1, 5, 4), (2, 7, 1, 1)])
 def test_argmax_classes_is_numpy_argmax_ties_included(shape):
     rng = np.random.default_rng(0)

