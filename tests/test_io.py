@@ -146,6 +146,17 @@ def test_direct_read_of_a_multi_member_gzip_is_whole_and_read_only(tmp_path):
     assert not volume.array_zyx.flags.writeable  # as on ITK's path: nothing writes into an input
 
 
+def test_direct_read_on_a_file_system_without_memory_maps(tmp_path, monkeypatch):
+    values = np.random.default_rng(7).integers(-1000, 1000, (5, 6, 7)).astype(np.int16)
+    path = write_image(tmp_path / "x_0000.nii.gz", values)
+
+    def no_maps(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap raises where a file system cannot map
+
+    monkeypatch.setattr(io.mmap, "mmap", no_maps)
+    np.testing.assert_array_equal(io.read_image(path).array_zyx, values)
+
+
 def test_scaled_files_are_read_through_itk_as_float(tmp_path):
     values = np.random.default_rng(4).integers(-1000, 1000, (6, 7, 9)).astype(np.float64)
     volume = io.read_image(_scaled_file(tmp_path / "s_0000.nii.gz", values, 0.25))

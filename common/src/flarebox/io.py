@@ -196,10 +196,8 @@ def read_image(path: Path) -> Volume:
     except RuntimeError as exc:
         raise _itk_error(path, exc) from exc
     geometry = _geometry(path, reader, reader.GetNumberOfComponents())
-    try:  # one call over the mapped file: it holds the GIL only to start and end (see the docstring)
-        with (open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
-              memoryview(mapped) as compressed):
-            raw = igzip.decompress(compressed)
+    try:
+        raw = _inflate(path)
     except (OSError, EOFError, ValueError, isal_zlib.error) as exc:
         raise CaseError(path, f"cannot read: truncated or corrupt image data ({exc})") from exc
     count = math.prod(geometry.shape_zyx)
@@ -210,6 +208,18 @@ def read_image(path: Path) -> Volume:
     if dtype.kind == "f" and (bad := voxels.size - np.count_nonzero(np.isfinite(voxels))):
         raise CaseError(path, f"{bad} voxels are NaN or infinite")
     return Volume(voxels, geometry)
+
+
+def _inflate(path: Path) -> bytes:
+    """The whole decompressed file, in one ISA-L call that holds the GIL only to start and end
+    (see read_image), over the file mapped into memory: no copy of the compressed bytes."""
+    with open(path, "rb") as fh:
+        try:
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system without memory maps
+            return igzip.decompress(fh.read())
+        with mapped, memoryview(mapped) as compressed:
+            return igzip.decompress(compressed)
 
 
 def _read_with_itk(path: Path, header: _Header) -> Volume:
