@@ -59,8 +59,10 @@ def task2_demo():
     return plan, data, predict_logits(data, load_backend(plan, backend="torch"))
 
 
+# measured with the demo model of 2026-11-23 (four organs found): f32 100.00 %, bf16 99.96 %, int8 99.08 %
+# of voxels (99.50 % with the earlier two-organ model); int8's largest difference 9.6 % of the largest logit
 @pytest.mark.parametrize(("precision", "max_relative", "min_agreement"),
-                         [("f32", 1e-3, 0.9999), ("bf16", 0.05, 0.999), ("int8", 0.25, 0.99)])
+                         [("f32", 1e-3, 0.9999), ("bf16", 0.05, 0.999), ("int8", 0.25, 0.985)])
 def test_trained_model_precisions_against_torch(task2_demo, precision, max_relative, min_agreement,
                                                 record_property):
     plan, data, reference = task2_demo

@@ -261,4 +261,4 @@ def test_body_crop_and_fitted_patch_run_fewer_voxels_same_grid():
     foreground = float(np.mean(labels[expected > 0] == expected[expected > 0]))
     print(f"\nbody crop + fitted patch vs plain: labels agree on {100 * agreement:.3f}% ({100 * foreground:.2f}% of "
           "foreground)")
-    assert agreement >= 0.98 and foreground >= 0.93  # measured: 98.99 % and 95.46 %
+    assert agreement >= 0.98 and foreground >= 0.93  # measured: 98.89 % and 95.72 %
