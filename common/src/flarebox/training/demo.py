@@ -161,7 +161,8 @@ def markdown(scores: dict, title: str) -> str:
     t = scores["training"]
     lines = [f"# {title}", "",
              "Demo weights trained on synthetic phantoms, not on FLARE data. Scored by the engine "
-             f"({scores['backend']}) on each image's own grid with the FLARE rules.", "",
+             f"({scores['backend']}, the engine's default settings: step 0.5, no body crop, not the task's "
+             "config.toml) on each image's own grid with the FLARE rules.", "",
              f"Training: {t['minutes']:.1f} min on {t['device']}, {t['epochs']} epochs x {t['iterations_per_epoch']} "
              f"iterations, batch {t['batch_size']}, {t['training_cases']} training phantoms; "
              f"{t['parameters'] / 1e6:.2f} M parameters.", "",
