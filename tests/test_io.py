@@ -146,6 +146,20 @@ def test_direct_read_of_a_multi_member_gzip_is_whole_and_read_only(tmp_path):
     assert not volume.array_zyx.flags.writeable  # as on ITK's path: nothing writes into an input
 
 
+def test_a_corrupt_stream_with_a_whole_trailer_is_one_clear_error(tmp_path):
+    # the trailer's size is right, so only the inflate itself finds the damage
+    values = np.random.default_rng(8).normal(size=(20, 30, 30))
+    good = write_image(tmp_path / "good_0000.nii.gz", values)
+    data = bytearray(good.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)
+    bad = tmp_path / "bad_0000.nii.gz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CaseError) as info:
+        io.read_image(bad)
+    assert "truncated or corrupt" in info.value.reason and "\n" not in str(info.value)
+
+
 def test_direct_read_on_a_file_system_without_memory_maps(tmp_path, monkeypatch):
     values = np.random.default_rng(7).integers(-1000, 1000, (5, 6, 7)).astype(np.int16)
     path = write_image(tmp_path / "x_0000.nii.gz", values)

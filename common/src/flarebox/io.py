@@ -140,9 +140,9 @@ def _gzip_member_is_complete(path: Path) -> bool:
     return True
 
 
-def _check_nifti_file(path: Path) -> _Header:
-    """Fail early and plainly where ITK would either print a long stack of messages or, for a
-    truncated .nii.gz, silently fill the missing voxels with zeros."""
+def _check_nifti_file(path: Path) -> tuple[_Header, int]:
+    """Fail early and plainly where ITK would print a long stack of messages; returns the header and
+    the gzip trailer's size field (what ITK's path checks, see _read_with_itk)."""
     try:
         with open(path, "rb") as fh:
             magic = fh.read(2)
@@ -159,11 +159,7 @@ def _check_nifti_file(path: Path) -> _Header:
     header = _parse_header(raw)
     if header is None:
         raise CaseError(path, "cannot read: not a NIfTI file (bad header)")
-    # The trailer check is O(1); a mismatch is confirmed by full decompression before rejecting,
-    # since a multi-member gzip file legitimately carries only its last member's size there.
-    if isize != header.file_bytes % 2**32 and not _gzip_member_is_complete(path):
-        raise CaseError(path, "cannot read: truncated or corrupt image data (gzip stream ends early)")
-    return header
+    return header, isize
 
 
 def _count_non_finite(path: Path) -> int:
@@ -185,10 +181,10 @@ def read_image(path: Path) -> Volume:
     alone and beside it.
     Every other file goes through ITK whole."""
     path = Path(path)
-    header = _check_nifti_file(path)
+    header, isize = _check_nifti_file(path)
     dtype = header.direct_dtype()
     if dtype is None:
-        return _read_with_itk(path, header)
+        return _read_with_itk(path, header, isize)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -218,11 +214,27 @@ def _inflate(path: Path) -> bytes:
             mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError):  # a file system without memory maps
             return igzip.decompress(fh.read())
-        with mapped, memoryview(mapped) as compressed:
-            return igzip.decompress(compressed)
+        with mapped:
+            compressed = memoryview(mapped)
+            try:
+                return igzip.decompress(compressed)
+            except (EOFError, isal_zlib.error) as exc:
+                # keep the message only: the traceback holds the decompressor, which holds the view,
+                # and the view must be released before the map can close
+                failure = type(exc)(str(exc))
+            finally:
+                compressed.release()
+        raise failure
 
 
-def _read_with_itk(path: Path, header: _Header) -> Volume:
+def _read_with_itk(path: Path, header: _Header, isize: int) -> Volume:
+    """ITK's reader, for files read_image does not inflate itself. ITK fills the missing voxels of
+    a truncated .nii.gz with zeros without a word, so the stream is checked first: the trailer's
+    size (O(1)), and where it differs (a multi-member gzip file carries only its last member's size
+    there) a full decompression. The direct path needs neither: its one inflate fails on a
+    truncated stream."""
+    if isize != header.file_bytes % 2**32 and not _gzip_member_is_complete(path):
+        raise CaseError(path, "cannot read: truncated or corrupt image data (gzip stream ends early)")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
