@@ -7,8 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flarebox.export import to_original_grid
+from flarebox.export import Labels, to_original_grid
 from flarebox.preprocess import preprocess
+from flarebox.resample import resize_nearest
 
 
 def blob_logits(shape, centre, radius):
@@ -43,3 +44,26 @@ def test_logits_mode_is_smoother_than_labels_mode(tiny_plan):
     sphere = blob_logits((48, 48, 48), (24, 24, 24), 13.2)[1] > 0
     errors = {m: np.sum(to_original_grid(logits, pre, mode=m).astype(bool) != sphere) for m in ("labels", "logits")}
     assert errors["logits"] < 0.5 * errors["labels"]
+
+
+@pytest.mark.parametrize("transpose", [(0, 1, 2), (0, 2, 1)])
+@pytest.mark.parametrize("slices", [1, 3, 16, 64])
+def test_slabs_are_the_whole_map_a_few_slices_at_a_time(tiny_plan, transpose, slices):
+    # a crop that leaves background on every side, z resampled (1 -> 2 mm), slab sizes that straddle it
+    plan = dataclasses.replace(tiny_plan, transpose_forward=transpose, transpose_backward=transpose,
+                               spacing_zyx_mm=(2.0, 1.5, 1.0))
+    image = np.zeros((37, 30, 26), np.float32)
+    image[5:29, 3:27, 2:21] = 50
+    pre = preprocess(image.copy(), (1.0, 1.0, 1.0), plan, body_threshold=10)
+    grid = np.random.default_rng(0).integers(1, 14, pre.data.shape[1:]).astype(np.uint8)
+    labels = Labels(grid, pre)
+    whole = labels.array()
+    assert whole.shape == labels.shape_zyx == image.shape
+    assert whole[image == 0].max() == 0 and whole[image > 0].min() >= 1  # the crop, and only it, labelled
+    blocks = [block.copy() for block in labels.slabs(slices)]  # each block is one reused buffer
+    assert all(len(block) == slices for block in blocks[:-1])
+    np.testing.assert_array_equal(np.concatenate(blocks), whole)
+    reference = np.zeros(pre.shape_before_crop, np.uint8)  # the whole grid in one resize, then transposed
+    crop = tuple(slice(a, b) for a, b in pre.bbox)
+    reference[crop] = resize_nearest(grid, reference[crop].shape)
+    np.testing.assert_array_equal(whole, reference.transpose(transpose))

@@ -202,3 +202,16 @@ def test_written_header_matches_itks(tmp_path, direction):
         assert ours_nib.header[field].tolist() == theirs_nib.header[field].tolist(), field
     assert ours_nib.header["pixdim"][0] == theirs_nib.header["pixdim"][0]  # qfac
     np.testing.assert_array_equal(np.asarray(ours_nib.dataobj), labels.transpose(2, 1, 0))
+
+
+def test_write_labels_from_blocks_of_slices(tmp_path):
+    geometry = io.Geometry((0.7, 0.9, 2.5), (-3.0, 4.5, 8.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (9, 7, 6))
+    labels = np.random.default_rng(2).integers(0, 14, (6, 7, 9)).astype(np.uint8)
+    io.write_labels(tmp_path / "whole.nii.gz", labels, geometry)
+    io.write_labels(tmp_path / "blocks.nii.gz", iter([labels[:4], labels[4:5], labels[5:]]), geometry)
+    assert (gzip.decompress((tmp_path / "blocks.nii.gz").read_bytes())
+            == gzip.decompress((tmp_path / "whole.nii.gz").read_bytes()))
+    for blocks in ([labels[:4], labels[4:5]], [labels, labels[:1]], [labels[:, :3]]):  # short, long, wrong y
+        with pytest.raises(ValueError, match="do not fit"):
+            io.write_labels(tmp_path / "bad.nii.gz", iter(blocks), geometry)
+    assert sorted(os.listdir(tmp_path)) == ["blocks.nii.gz", "whole.nii.gz"]  # no half-written file left

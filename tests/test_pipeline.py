@@ -137,7 +137,7 @@ def test_cli_exit_status_and_progress_lines(tiny_model_dir, tmp_path):
     progress = [line for line in lines if line.startswith("[")]
     assert progress == [line for line in lines if line.startswith("[4/7] good: read ")]
     assert len(progress) == 1
-    for stage in ("read", "preprocess", "infer", "export", "write", "total"):
+    for stage in ("read", "preprocess", "infer", "export+write", "total"):  # one model's labels: streamed
         assert f"{stage} " in progress[0]
     assert "1 case(s) written, 7 failed" in lines[-1]
     assert os.listdir(out_dir) == ["good.nii.gz"]

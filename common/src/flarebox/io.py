@@ -12,6 +12,7 @@ import mmap
 import os
 import struct
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,22 +289,32 @@ def read_case(case: Case) -> Volume:
     return read_image(case.path)
 
 
-def write_labels(path: Path, labels_zyx: np.ndarray, geometry: Geometry, compression_level: int = 1) -> None:
+def write_labels(path: Path, labels_zyx: np.ndarray | Iterable[np.ndarray], geometry: Geometry,
+                 compression_level: int = 1) -> None:
     """Write uint8 labels on the given geometry as a gzip-compressed NIfTI-1 file, atomically
     (temporary file in the same folder, then rename). ISA-L deflates (levels 0-3): at level 1 a
     512x512x300 label map takes 0.01 s when smooth and 0.18 s when speckled, where ITK's zlib at its
-    fastest level takes 0.11 and 0.73 s."""
+    fastest level takes 0.11 and 0.73 s.
+
+    labels_zyx: the (z, y, x) label map, or its consecutive blocks of whole z-slices, deflated as
+        they come (`export.Labels.slabs`), so the whole map need never be in memory."""
     path = Path(path)
-    if tuple(labels_zyx.shape) != geometry.shape_zyx:
-        raise ValueError(f"labels of shape {labels_zyx.shape} do not fit the grid {geometry.shape_zyx}")
-    voxels = memoryview(np.ascontiguousarray(labels_zyx, dtype=np.uint8)).cast("B")
+    blocks = [labels_zyx] if isinstance(labels_zyx, np.ndarray) else labels_zyx
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             deflate = isal_zlib.compressobj(compression_level, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS)
             fh.write(deflate.compress(_label_header(geometry)))
-            for start in range(0, len(voxels), 1 << 24):
-                fh.write(deflate.compress(voxels[start : start + (1 << 24)]))
+            slices = 0
+            for block in blocks:
+                if tuple(block.shape[1:]) != geometry.shape_zyx[1:] or slices + len(block) > geometry.shape_zyx[0]:
+                    raise ValueError(f"labels of shape {block.shape} do not fit the grid {geometry.shape_zyx}")
+                voxels = memoryview(np.ascontiguousarray(block, dtype=np.uint8)).cast("B")
+                for start in range(0, len(voxels), 1 << 24):
+                    fh.write(deflate.compress(voxels[start : start + (1 << 24)]))
+                slices += len(block)
+            if slices != geometry.shape_zyx[0]:
+                raise ValueError(f"labels of {slices} slices do not fit the grid {geometry.shape_zyx}")
             fh.write(deflate.flush())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)

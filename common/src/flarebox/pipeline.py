@@ -23,7 +23,7 @@ from flarebox import io
 from flarebox.backends import load_backend
 from flarebox.config import TaskConfig, load_config
 from flarebox.errors import CaseError, ConfigError
-from flarebox.export import to_original_grid
+from flarebox.export import Labels, to_original_grid
 from flarebox.models import ModelPlan, load_plan
 from flarebox.preprocess import preprocess
 from flarebox.sliding_window import (
@@ -176,6 +176,16 @@ class Predictor:
     ) -> np.ndarray:
         """uint8 labels of one volume, on its own grid."""
         timings = timings if timings is not None else Timings()
+        labels = self.labels(volume, timings, on_tile)
+        with timings.stage("export"):
+            return labels.array()
+
+    def labels(
+        self, volume: io.Volume, timings: Timings | None = None, on_tile: Callable[[int, int], None] | None = None
+    ) -> Labels:
+        """uint8 labels of one volume, on its own grid, made when wanted: one model's labels in
+        'labels' mode without postprocessing wait to be brought back as they are written."""
+        timings = timings if timings is not None else Timings()
         cfg = self.config
         for model in self.models:
             if hasattr(model.backend, "reset_peak"):
@@ -215,13 +225,15 @@ class Predictor:
                 prediction += self._logits(pre.data, model, on_tile, pad_values=pads)
             if len(self.models) > 1:
                 prediction /= len(self.models)
-        with timings.stage("export"):
-            labels = to_original_grid(prediction, pre, mode=cfg.export.mode, resampler=cfg.preprocess.resampler)
-        del prediction
         peaks = [p for m in self.models if hasattr(m.backend, "peak_bytes") and (p := m.backend.peak_bytes())]
         if peaks:
             timings.notes["gpu_peak"] = f"{max(peaks) / 2**30:.2f}GB"
         post = cfg.postprocess
+        if as_labels and post.min_component_mm3 <= 0 and self.gate is None:
+            return Labels(prediction.astype(np.uint8, copy=False), pre)  # exported as it is written
+        with timings.stage("export"):
+            labels = to_original_grid(prediction, pre, mode=cfg.export.mode, resampler=cfg.preprocess.resampler)
+        del prediction
         if post.min_component_mm3 > 0 or self.gate is not None:
             with timings.stage("postprocess"):
                 from flarebox.postprocess import gate_by_mask, remove_small_components  # scipy: here only
@@ -231,11 +243,11 @@ class Predictor:
                 if self.gate is not None and (labels == post.label).any():
                     labels = gate_by_mask(labels, self.gate.segment(volume) > 0, spacing, post.gate_margin_mm,
                                           post.label)
-        return labels
+        return Labels(labels)
 
 
-def _write(case: io.Case, labels: np.ndarray, geometry: io.Geometry, output_dir: Path, level: int) -> None:
-    io.write_labels(output_dir / f"{case.case_id}.nii.gz", labels, geometry, level)
+def _write(case: io.Case, labels: Labels, geometry: io.Geometry, output_dir: Path, level: int) -> None:
+    io.write_labels(output_dir / f"{case.case_id}.nii.gz", labels.slabs(), geometry, level)
 
 
 def _read_ahead(pool: ThreadPoolExecutor, cases: list[io.Case], first: Future | None
@@ -256,8 +268,9 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
     predictor: a Predictor, or a function that builds one: the first case is then read while it runs.
     on_case: called with each written case and its timings.
     Per case, 'read' and 'write' in the log are the time the case waited for them (its read
-    started during the previous case; its write ends during the next one); a case's line comes
-    when its file is written."""
+    started during the previous case; its write ends during the next one); 'export+write' where the
+    export back to the input's grid is streamed into the write (`Predictor.labels`). A case's line
+    comes when its file is written."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     cases, rejected = io.discover(input_dir)
     for error in rejected:
@@ -278,16 +291,16 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
         first = reader.submit(io.read_case, cases[0]) if cases else None  # now, not when iterated
         if not isinstance(predictor, Predictor):
             predictor = predictor()
-        writing: tuple[io.Case, Future, Timings, int] | None = None
+        writing: tuple[io.Case, Future, Timings, int, str] | None = None
 
         def finish() -> None:  # wait for the last write, then log its case
             if writing is None:
                 return
-            case, future, timings, index = writing
+            case, future, timings, index, stage = writing
             try:
                 waited = time.perf_counter()
                 future.result()
-                timings.stages["write"] = time.perf_counter() - waited
+                timings.stages[stage] = time.perf_counter() - waited
             except Exception as error:
                 failed(case, error)
                 return
@@ -300,14 +313,14 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
             try:
                 with timings.stage("read"):
                     volume = pending.result()
-                labels = predictor.segment(volume, timings)
+                labels = predictor.labels(volume, timings)
             except Exception as error:
                 failed(case, error)
                 continue
             finish()
             future = writer.submit(_write, case, labels, volume.geometry, output_dir,
                                    predictor.config.export.compression_level)
-            writing = (case, future, timings, index)
+            writing = (case, future, timings, index, "write" if labels.pre is None else "export+write")
             del volume, labels
         finish()
     log.info("%d case(s) written, %d failed, %.1fs in all", len(cases) - (failures - len(rejected)), failures,
