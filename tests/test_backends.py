@@ -104,6 +104,17 @@ def test_missing_or_stale_ir_is_refused(tiny_plan, tmp_path):
         load_backend(plan, precision="fp16")
 
 
+def test_openvino_caches_the_models_own_patch_not_a_fitted_one(tiny_plan, tmp_path):
+    # the image fills the cache at build time; a case's fitted shape would be written in vain at run time
+    cache = tmp_path / "ov_cache"
+    backend = load_backend(tiny_plan, backend="openvino", precision="int8", cache_dir=cache)
+    backend.compile()
+    blobs = sorted(cache.iterdir())
+    assert len(blobs) == 1
+    backend.for_patch((8, 32, 32)).compile()
+    assert sorted(cache.iterdir()) == blobs
+
+
 @pytest.mark.parametrize("precision", ["f32", "int8"])
 def test_openvino_recompiles_for_a_fitted_patch(tiny_plan, real_ct_preprocessed, precision):
     """A smaller tile runs the same weights: OpenVINO reshaped equals torch on that tile, and each
