@@ -15,12 +15,24 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 from isal import igzip, isal_zlib
 
 from flarebox.errors import CaseError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+
+def itk() -> ModuleType:
+    """SimpleITK, imported when first wanted: its import (0.06 s) need not delay the first read,
+    whose inflate needs only ISA-L (run_folder imports it beside that inflate)."""
+    import SimpleITK
+
+    return SimpleITK
 
 INPUT_SUFFIX = "_0000.nii.gz"
 
@@ -186,17 +198,17 @@ def read_image(path: Path) -> Volume:
     dtype = header.direct_dtype()
     if dtype is None:
         return _read_with_itk(path, header, isize)
-    reader = sitk.ImageFileReader()
+    try:
+        raw = _inflate(path)
+    except (OSError, EOFError, ValueError, isal_zlib.error) as exc:
+        raise CaseError(path, f"cannot read: truncated or corrupt image data ({exc})") from exc
+    reader = itk().ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise _itk_error(path, exc) from exc
     geometry = _geometry(path, reader, reader.GetNumberOfComponents())
-    try:
-        raw = _inflate(path)
-    except (OSError, EOFError, ValueError, isal_zlib.error) as exc:
-        raise CaseError(path, f"cannot read: truncated or corrupt image data ({exc})") from exc
     count = math.prod(geometry.shape_zyx)
     if len(raw) < header.data_offset + count * dtype.itemsize:
         raise CaseError(path, f"cannot read: truncated image data ({len(raw)} of "
@@ -219,7 +231,7 @@ def _inflate(path: Path) -> bytes:
             compressed = memoryview(mapped)
             try:
                 return igzip.decompress(compressed)
-            except (EOFError, isal_zlib.error) as exc:
+            except (OSError, EOFError, isal_zlib.error) as exc:  # OSError: gzip.BadGzipFile (CRC)
                 # keep the message only: the traceback holds the decompressor, which holds the view,
                 # and the view must be released before the map can close
                 failure = type(exc)(str(exc))
@@ -237,7 +249,7 @@ def _read_with_itk(path: Path, header: _Header, isize: int) -> Volume:
     if isize != header.file_bytes % 2**32 and not _gzip_member_is_complete(path):
         raise CaseError(path, "cannot read: truncated or corrupt image data (gzip stream ends early)")
     try:
-        image = sitk.ReadImage(str(path))
+        image = itk().ReadImage(str(path))
     except RuntimeError as exc:
         raise _itk_error(path, exc) from exc
     geometry = _geometry(path, image, image.GetNumberOfComponentsPerPixel())
@@ -277,7 +289,7 @@ class _ImageVoxels:
 
     def __init__(self, image: sitk.Image) -> None:
         self.image = image
-        view = sitk.GetArrayViewFromImage(image)
+        view = itk().GetArrayViewFromImage(image)
         self.__array_interface__ = {**view.__array_interface__, "data": (view.__array_interface__["data"][0], True)}
 
 

@@ -291,6 +291,7 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
         first = reader.submit(io.read_case, cases[0]) if cases else None  # now, not when iterated
         if not isinstance(predictor, Predictor):
             predictor = predictor()
+        io.itk()  # imported here, while the first case inflates, not after it in the reader
         writing: tuple[io.Case, Future, Timings, int, str] | None = None
 
         def finish() -> None:  # wait for the last write, then log its case
