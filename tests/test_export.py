@@ -56,7 +56,7 @@ def test_slabs_are_the_whole_map_a_few_slices_at_a_time(tiny_plan, transpose, sl
     image[5:29, 3:27, 2:21] = 50
     pre = preprocess(image.copy(), (1.0, 1.0, 1.0), plan, body_threshold=10)
     grid = np.random.default_rng(0).integers(1, 14, pre.data.shape[1:]).astype(np.uint8)
-    labels = Labels(grid, pre)
+    labels = Labels.of(grid, pre)
     whole = labels.array()
     assert whole.shape == labels.shape_zyx == image.shape
     assert whole[image == 0].max() == 0 and whole[image > 0].min() >= 1  # the crop, and only it, labelled

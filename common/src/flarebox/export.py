@@ -52,37 +52,48 @@ def _logits_to_labels_trilinear(
 @dataclass(frozen=True)
 class Labels:
     """A case's uint8 labels on its input's (z, y, x) grid, made when wanted: `array()` whole, or
-    `slabs()` a few z-slices at a time.
+    `slabs()` a few z-slices at a time (`Labels.of` for the network's labels; `Labels(array)` for
+    labels already on the input's grid).
 
-    grid: (z, y, x) labels on the preprocessed grid, brought back with `pre` (nearest neighbour,
-        crop, transpose); or, with `pre` None, the labels on the input's grid already.
+    grid: (z, y, x) labels on the preprocessed grid, or on the input's grid where `bbox` is None.
+    bbox, shape_before_crop, transpose_backward: the way back, from `Preprocessed` (only these: a
+        case waiting to be written does not keep its preprocessed voxels alive).
     """
 
     grid: np.ndarray
-    pre: Preprocessed | None = None
+    bbox: tuple[tuple[int, int], ...] | None = None
+    shape_before_crop: tuple[int, int, int] | None = None
+    transpose_backward: tuple[int, int, int] = (0, 1, 2)
+
+    @classmethod
+    def of(cls, grid: np.ndarray, pre: Preprocessed) -> Labels:
+        """The network's (z, y, x) labels on the preprocessed grid, to go back the way `pre` came."""
+        return cls(grid.astype(np.uint8, copy=False), pre.bbox, pre.shape_before_crop, pre.transpose_backward)
 
     @property
     def shape_zyx(self) -> tuple[int, ...]:
-        return self.grid.shape if self.pre is None else self.pre.shape_original_zyx
+        if self.shape_before_crop is None:
+            return self.grid.shape
+        return tuple(self.shape_before_crop[axis] for axis in self.transpose_backward)
 
     def array(self) -> np.ndarray:
         """The whole label map."""
-        if self.pre is None:
+        if self.shape_before_crop is None:
             return self.grid
-        full = np.zeros(self.pre.shape_before_crop, dtype=np.uint8)  # background around the crop
+        full = np.zeros(self.shape_before_crop, dtype=np.uint8)  # background around the crop
         self._fill(full, 0)
-        return np.ascontiguousarray(np.transpose(full, self.pre.transpose_backward))
+        return np.ascontiguousarray(np.transpose(full, self.transpose_backward))
 
     def slabs(self, slices: int = 16) -> Iterator[np.ndarray]:
         """The label map as consecutive blocks of `slices` whole z-slices, in file order. Each block
         is the same reused buffer, valid until the next is asked for: 4 MB at a time for a 512x512
         grid, warm in the cache, instead of a fresh 78 MB grid (0.05-0.2 s of first touch here)."""
-        if self.pre is None or tuple(self.pre.transpose_backward) != (0, 1, 2):
+        if self.shape_before_crop is None or tuple(self.transpose_backward) != (0, 1, 2):
             whole = self.array()  # a slab of the input's z is not one of the network's: no gain
             for start in range(0, whole.shape[0], slices):
                 yield whole[start : start + slices]
             return
-        n_z, n_y, n_x = self.pre.shape_before_crop
+        n_z, n_y, n_x = self.shape_before_crop
         buffer = np.zeros((min(slices, n_z), n_y, n_x), dtype=np.uint8)
         for start in range(0, n_z, slices):
             block = buffer[: min(slices, n_z - start)]
@@ -92,8 +103,8 @@ class Labels:
     def _fill(self, out: np.ndarray, start: int) -> None:
         """Slices start..start+len(out) of the (transposed) grid before the crop, into `out`, whose
         voxels outside the crop's y-x box must be 0 already; slices outside the crop's z are zeroed."""
-        assert self.pre is not None
-        (z0, z1), (y0, y1), (x0, x1) = self.pre.bbox
+        assert self.bbox is not None
+        (z0, z1), (y0, y1), (x0, x1) = self.bbox
         box = out[:, y0:y1, x0:x1]
         inside = slice(*np.clip([z0 - start, z1 - start], 0, len(out)))
         box[: inside.start] = 0
@@ -124,7 +135,7 @@ def to_original_grid(
     """
     if mode == "labels":
         low_res = prediction if prediction.ndim == 3 else np.argmax(prediction, axis=0)
-        return Labels(low_res.astype(np.uint8, copy=False), pre).array()
+        return Labels.of(low_res, pre).array()
     if mode != "logits":
         raise ValueError(f"export mode {mode!r} is not one of {EXPORT_MODES}")
     if prediction.ndim != 4:

@@ -230,7 +230,7 @@ class Predictor:
             timings.notes["gpu_peak"] = f"{max(peaks) / 2**30:.2f}GB"
         post = cfg.postprocess
         if as_labels and post.min_component_mm3 <= 0 and self.gate is None:
-            return Labels(prediction.astype(np.uint8, copy=False), pre)  # exported as it is written
+            return Labels.of(prediction, pre)  # brought back to the input's grid as it is written
         with timings.stage("export"):
             labels = to_original_grid(prediction, pre, mode=cfg.export.mode, resampler=cfg.preprocess.resampler)
         del prediction
@@ -321,7 +321,7 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
             finish()
             future = writer.submit(_write, case, labels, volume.geometry, output_dir,
                                    predictor.config.export.compression_level)
-            writing = (case, future, timings, index, "write" if labels.pre is None else "export+write")
+            writing = (case, future, timings, index, "write" if labels.bbox is None else "export+write")
             del volume, labels
         finish()
     log.info("%d case(s) written, %d failed, %.1fs in all", len(cases) - (failures - len(rejected)), failures,
