@@ -134,14 +134,12 @@ def to_original_grid(
     slab: output slices per step in 'logits' mode (memory ~ k * slab * y * x * 4 bytes).
     """
     if mode == "labels":
-        low_res = prediction if prediction.ndim == 3 else np.argmax(prediction, axis=0)
-        return Labels.of(low_res, pre).array()
-    if mode != "logits":
+        grid = prediction if prediction.ndim == 3 else np.argmax(prediction, axis=0)
+    elif mode == "logits":
+        if prediction.ndim != 4:
+            raise ValueError("export mode 'logits' needs (k, z, y, x) logits, not labels")
+        # labels of the crop at full resolution: the way back is then only the crop and transpose
+        grid = _logits_to_labels_trilinear(prediction, tuple(b - a for a, b in pre.bbox), resampler, slab)
+    else:
         raise ValueError(f"export mode {mode!r} is not one of {EXPORT_MODES}")
-    if prediction.ndim != 4:
-        raise ValueError("export mode 'logits' needs (k, z, y, x) logits, not labels")
-    cropped_shape = tuple(b - a for a, b in pre.bbox)
-    full = np.zeros(pre.shape_before_crop, dtype=np.uint8)  # background around the crop
-    full[tuple(slice(a, b) for a, b in pre.bbox)] = _logits_to_labels_trilinear(prediction, cropped_shape,
-                                                                                resampler, slab)
-    return np.ascontiguousarray(np.transpose(full, pre.transpose_backward))
+    return Labels.of(grid, pre).array()
