@@ -215,3 +215,13 @@ def test_write_labels_from_blocks_of_slices(tmp_path):
         with pytest.raises(ValueError, match="do not fit"):
             io.write_labels(tmp_path / "bad.nii.gz", iter(blocks), geometry)
     assert sorted(os.listdir(tmp_path)) == ["blocks.nii.gz", "whole.nii.gz"]  # no half-written file left
+
+
+def test_the_engine_imports_without_simpleitk():
+    # ITK's import (0.06 s) runs beside the first inflate (run_folder), not before the read can start
+    import subprocess
+    import sys
+
+    code = "import sys, flarebox.cli, flarebox.pipeline; print('SimpleITK' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "False"
