@@ -100,18 +100,23 @@ def test_anatomy_stays_put_in_the_world_whatever_the_grid(tmp_path):
 
 def test_random_grids_stay_in_the_published_ranges():
     rng = np.random.default_rng(0)
-    seen = set()
+    seen, cut = set(), 0
     for _ in range(300):
-        grid = random_grid(rng, centre_xyz_mm=(0, 0, -100), body_width_mm=rng.uniform(260, 370))
+        width = rng.uniform(260, 370)
+        grid = random_grid(rng, centre_xyz_mm=(0, 0, -100), body_width_mm=width)
         sz, sy, sx = grid.spacing_zyx_mm
         assert 0.6 <= sy == sx <= 1.0 and 1.0 <= sz <= 5.0
-        assert grid.shape_zyx[1] == grid.shape_zyx[2] <= 512 and 8 <= grid.shape_zyx[0] <= 200
+        # square, or shallower front to back where the field of view cuts the body
+        assert 0.7 * grid.shape_zyx[2] <= grid.shape_zyx[1] <= grid.shape_zyx[2] <= 512
+        assert 8 <= grid.shape_zyx[0] <= 200
+        cut += grid.shape_zyx[2] * sx < width
         direction = np.asarray(grid.direction).reshape(3, 3)
         np.testing.assert_allclose(direction @ direction.T, np.eye(3), atol=1e-12)
         seen.add("lps" if np.allclose(direction, np.eye(3)) else "ras" if np.allclose(
             direction, np.diag([-1, -1, 1])) else "oblique")
         np.testing.assert_allclose(grid.corners_xyz_mm().mean(0), (0, 0, -100), atol=1e-6)
     assert seen == {"lps", "ras", "oblique"}
+    assert 0.15 < cut / 300 < 0.35  # a quarter of the fields of view cut the body at the sides
 
 
 @pytest.mark.parametrize("phase", PHASES)

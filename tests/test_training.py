@@ -263,19 +263,165 @@ def test_the_engine_loads_the_checkpoint_and_segments(trained):
     assert labels.shape == volume.array_zyx.shape and labels.max() < 14
 
 
-def test_continue_resumes_from_the_latest_checkpoint(trained, tmp_path):
-    import shutil
+RESUME_TOML = """
+[network]
+features_per_stage = [4, 8, 16]
+strides_zyx = [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
+kernel_sizes_zyx = [[3, 3, 3], [3, 3, 3], [3, 3, 3]]
+blocks_per_stage = [1, 1, 1]
+spacing_zyx_mm = [8.0, 8.0, 8.0]
+patch_zyx = [16, 32, 32]
+ct_clip_hu = [-958, 270]
+ct_mean_hu = -97.3
+ct_std_hu = 137.8
 
-    from flarebox.training.trainer import train
+[train]
+epochs = 4
+iterations_per_epoch = 6
+batch_size = 2
+optimizer = "adamw"
+learning_rate = 0.003
+validation_cases = 1
+validate_every_epochs = 100
+device = "cpu"
+"""
+
+
+def _train_command(trained, model: Path, toml: Path, *extra: str) -> list[str]:
+    import sys
 
     root, _ = trained
+    return [sys.executable, "-m", "flarebox.training", "train", "--dataset", str(root / "raw"), "--out", str(model),
+            "--config", str(toml), "--cache", str(root / "cache"), *extra]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=False)["network_weights"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(trained, tmp_path_factory):
+    """The reference: the CLI's run of RESUME_TOML from start to end in one go."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    toml = root / "train.toml"
+    toml.write_text(RESUME_TOML)
+    subprocess.run(_train_command(trained, root / "model", toml), check=True, capture_output=True, timeout=600)
+    return toml, _weights(root / "model" / "fold_0" / "checkpoint_final.pth")
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "training never got there"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_a_killed_run_goes_on_from_the_step_it_reached_when_rerun(trained, uninterrupted, tmp_path, how):
+    """SIGTERM: the run saves the step it reached and exits 143; SIGKILL: the periodic checkpoint
+    (here after every step) is all there is. Either way the same command goes on from that step,
+    with the same optimiser state, schedule and batches, and ends where an uninterrupted run ends."""
+    import signal
+
+    toml, reference = uninterrupted
     model = tmp_path / "model"
-    shutil.copytree(root / "model", model)
-    config = TrainConfig(epochs=8, iterations_per_epoch=1, batch_size=2, validation_cases=1,
-                         validate_every_epochs=8, device="cpu")
-    path = train(root / "raw", model, config, cache_dir=root / "cache", resume=True)
-    state = torch.load(path, weights_only=False)
-    assert state["current_epoch"] == 8 and len(state["logging"]["train_losses"]) == 8
+    latest = model / "fold_0" / "checkpoint_latest.pth"
+    command = _train_command(trained, model, toml, "--checkpoint-every-minutes", "0.0001")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if how == "sigterm":
+        _wait_for(lambda: latest.is_file(), process)  # mid-training, past the first steps
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=300)[0]
+        assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+        assert "run the same command again" in output
+    else:
+        _wait_for(lambda: latest.is_file() and torch.load(latest, weights_only=False)["logging"]["progress"]
+                  ["steps_done"] >= 8, process)
+        process.kill()
+        process.communicate(timeout=60)
+    state = torch.load(latest, weights_only=False)
+    reached = state["logging"]["progress"]["steps_done"]
+    assert 0 < reached < 24 and not (model / "fold_0" / "checkpoint_final.pth").exists()
+    assert not list(model.rglob(".*.tmp")) or how == "sigkill"
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"resuming at step {reached} of 24" in rerun.stdout
+    final = torch.load(model / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    assert final["current_epoch"] == 4 and len(final["logging"]["train_losses"]) == 4
+    for name, tensor in reference.items():
+        torch.testing.assert_close(final["network_weights"][name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_finished_run_is_not_retrained_and_restart_or_another_seed_says_so(trained, uninterrupted, tmp_path):
+    import shutil
+
+    toml, _ = uninterrupted
+    model = tmp_path / "model"
+    shutil.copytree(toml.parent / "model", model)
+    again = subprocess.run(_train_command(trained, model, toml), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already trained to the end" in again.stdout
+    other = subprocess.run(_train_command(trained, model, toml, "--seed", "7"), capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode == 2 and "other seed (seed=0)" in other.stderr
+    continued = subprocess.run(_train_command(trained, tmp_path / "empty", toml, "--continue"), capture_output=True,
+                               text=True, timeout=300)
+    assert continued.returncode == 2 and "no checkpoint to continue from" in continued.stderr
+
+
+def test_bf16_autocast_follows_f32_over_a_few_steps(trained, tmp_path):
+    """The CPU bf16 path (forced here; by default only CPUs with native bf16 take it) trains like f32
+    from the same weights and batches: its losses differ, as bf16 must, but by less than 3 %."""
+    root, _ = trained
+    from flarebox.training.trainer import train
+
+    losses = {}
+    for dtype in ("bfloat16", "float16"):
+        amp = dtype == "bfloat16"  # float16 is CUDA's: on the CPU with amp off it is the f32 reference
+        config = TrainConfig(epochs=4, iterations_per_epoch=1, batch_size=2, validation_cases=1,
+                             validate_every_epochs=100, device="cpu", amp=amp, amp_dtype=dtype, data_workers=0,
+                             optimizer="adamw", learning_rate=1e-3)
+        path = train(root / "raw", tmp_path / dtype, config, network_spec=TINY_NETWORK, cache_dir=root / "cache")
+        losses[dtype] = np.array(torch.load(path, weights_only=False)["logging"]["train_losses"])
+    bf16, f32 = losses["bfloat16"], losses["float16"]
+    assert not np.array_equal(bf16, f32)
+    np.testing.assert_allclose(bf16, f32, rtol=0.03)
+
+
+def test_autocast_dtype_by_device_and_cpu():
+    from flarebox.training.trainer import autocast_dtype, cpu_has_native_bf16
+
+    assert autocast_dtype(TrainConfig(), torch.device("cuda", 0)) == torch.float16
+    assert autocast_dtype(TrainConfig(amp=False), torch.device("cuda", 0)) is None
+    assert autocast_dtype(TrainConfig(amp_dtype="bfloat16"), torch.device("cpu")) == torch.bfloat16
+    expected = torch.bfloat16 if cpu_has_native_bf16() else None  # emulated bf16 is slower than f32
+    assert autocast_dtype(TrainConfig(), torch.device("cpu")) == expected
+
+
+def test_batches_are_a_function_of_the_step_whoever_makes_them(trained):
+    """The same step gives the same batch inline, in a worker process, and from a later start."""
+    from flarebox.models import load_plan
+    from flarebox.training.augment import SpatialSettings, spatial_margin
+    from flarebox.training.data import cache_folder, load_cached
+    from flarebox.training.loader import BatchRecipe, batches
+
+    root, _ = trained
+    plan = load_plan(root / "model")
+    cases = load_cached(["phantom_0000", "phantom_0001"], cache_folder(root / "cache", plan))
+    settings = SpatialSettings(rotation_deg=30, p_rotation=1.0, p_scaling=1.0)
+    recipe = BatchRecipe(cases, 2, (16, 32, 32), spatial_margin((16, 32, 32), settings), 0.5, settings,
+                         True, True, seed=3, rank=0)
+    inline = list(batches(recipe, 0, 5, workers=0))
+    worker = list(batches(recipe, 2, 5, workers=1))
+    for a, b in zip(inline[2:], worker, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.case_ids == b.case_ids
+    assert not torch.equal(inline[0].images, inline[1].images)
+    other_rank = next(batches(BatchRecipe(**{**vars(recipe), "rank": 1}), 2, 3, workers=0))
+    assert not torch.equal(other_rank.images, inline[2].images)
+    assert inline[0].images.shape == (2, 1, 16, 32, 32) and inline[0].labels.dtype == torch.int64
 
 
 @pytest.mark.skipif(not NNUNET_PYTHON.exists(), reason="nnU-Net reference environment missing (make nnunet-env)")

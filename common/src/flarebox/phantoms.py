@@ -24,6 +24,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ class Tissue(NamedTuple):
 # T1/T2 weighted signal (fat bright in both, fluid bright in T2, flow voids dark).
 (LIVER_VESSEL, R_MEDULLA, L_MEDULLA, STOMACH_LUMEN, STOMACH_GAS, DUODENUM_LUMEN, FAT, MUSCLE, BONE, MARROW, DISC,
  CSF, LUNG, LUNG_VESSEL, AIR, GAS, BOWEL_WALL, BOWEL_FLUID, STOOL, VEIN, ARTERY, BLOOD, MYOCARDIUM, CARTILAGE, RIB,
- TABLE_SHELL, TABLE_CORE, SOFT) = range(14, 42)
+ TABLE_SHELL, TABLE_CORE, SOFT, DUODENUM_GAS) = range(14, 43)
 TISSUES: dict[int, Tissue] = {
     1: Tissue(1, (58, 72, 112), 0.60, 0.22, 5),  # liver
     2: Tissue(2, (32, 185, 165), 0.50, 0.55, 5),  # right kidney (cortex)
@@ -105,6 +106,7 @@ TISSUES: dict[int, Tissue] = {
     TABLE_SHELL: Tissue(0, (250, 250, 250), 0.0, 0.0, 5),
     TABLE_CORE: Tissue(0, (-850, -850, -850), 0.0, 0.0, 5),
     SOFT: Tissue(0, (45, 65, 80), 0.38, 0.40, 8),
+    DUODENUM_GAS: Tissue(12, (-950, -950, -950), 0.02, 0.02, 5),  # swallowed air: the duodenum is often part gas
 }
 # Lesion kinds ride in the two high bits of a tissue id, so one uint8 map carries host and lesion.
 LESION_SHIFT = 6
@@ -174,6 +176,10 @@ def random_grid(rng: np.random.Generator, *, centre_xyz_mm: Sequence[float], bod
     if orientation not in ORIENTATIONS:
         raise ValueError(f"orientation {orientation!r}: expected one of {ORIENTATIONS}")
     fov_mm = float(np.clip(body_width_mm * rng.uniform(1.02, 1.35), 300, 512))
+    # a quarter of scans cut the body at the sides (a reconstruction fitted to the abdomen, a cropped export)
+    tight = rng.random() < 0.25
+    if tight:
+        fov_mm = float(np.clip(body_width_mm * rng.uniform(0.8, 1.0), 240, 512))
     if spacing_zyx_mm is None:
         spacing_xy = float(np.clip(fov_mm / 512, 0.6, 1.0))
         spacing_z = float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0],
@@ -185,7 +191,8 @@ def random_grid(rng: np.random.Generator, *, centre_xyz_mm: Sequence[float], bod
     length_mm = z_length_mm or float(rng.uniform(160, 320))
     if shape_zyx is None:
         n_slices = max(8, min(200, round(length_mm / spacing[0])))
-        shape = (n_slices, round(fov_mm / spacing[1]), round(fov_mm / spacing[2]))
+        depth_mm = fov_mm * (rng.uniform(0.75, 1.0) if tight else 1.0)  # front to back
+        shape = (n_slices, round(depth_mm / spacing[1]), round(fov_mm / spacing[2]))
     else:
         shape = tuple(int(n) for n in shape_zyx)
     direction = np.eye(3) if orientation == "lps" else np.diag([-1.0, -1.0, 1.0])
@@ -655,6 +662,7 @@ def _paint_organs(canvas: Canvas, p: Patient) -> None:
         block, rho2 = shape
         canvas.paint(block, rho2 <= 1, 12, where=where)
         canvas.paint(block, rho2 <= 0.45, DUODENUM_LUMEN, where=where)
+        canvas.paint(block, (rho2 <= 0.45) & (canvas.field(p.bowel_gas, block) > 0.6), DUODENUM_GAS, where=where)
     # pancreas: head in the C, neck in front of the portal confluence, body over the aorta, tail to the spleen
     pancreas = [p.at("pancreas", *q) for q in ((-26, -8, -178), (-38, -22, -160), (-12, -42, -140), (25, -36, -126),
                                                (60, -8, -114), (82, 18, -102))]
@@ -985,7 +993,12 @@ def render_ct(tissue: np.ndarray, spacing_zyx_mm: Sequence[float], rng: np.rando
     values = {}
     for tissue_id, t in TISSUES.items():
         enhancement = (t.hu[column] - t.hu[0]) * dose
-        values[tissue_id] = t.hu[0] + enhancement + rng.normal(0, 3)
+        # patients differ: parenchyma by about +-8 HU (fatty liver, iron, age), fluids and gas hardly
+        spread = 8.0 if 1 <= t.organ <= 13 and t.hu[0] > 20 else 3.0
+        values[tissue_id] = t.hu[0] + enhancement + rng.normal(0, spread)
+    # fatty infiltration of the pancreas (and fat between the adrenal limbs): up to a third fat by volume
+    for tissue_id in (4, 7, 8):
+        values[tissue_id] += rng.uniform(0, 0.35) * (values[FAT] - values[tissue_id])
     if oral_contrast:
         values[BOWEL_FLUID] = rng.uniform(180, 320)
     lesions = {kind: t.hu[0] + (t.hu[column] - t.hu[0]) * dose + rng.normal(0, 5) for kind, t in LESION_KINDS.items()}
@@ -1123,7 +1136,8 @@ def generate_case(seed: int, *, modality: str = "ct", anatomy: str = "synthetic"
 def _patient_grid(rng: np.random.Generator, patient: Patient, orientation: str | None,
                   spacing_zyx_mm: Sequence[float] | None, spacing_scale: float,
                   shape_zyx: Sequence[int] | None) -> Grid:
-    length = float(rng.uniform(160, 320))
+    # most scans cover the abdomen; a fifth are short slabs (a limited or split acquisition)
+    length = float(rng.uniform(160, 320) if rng.random() < 0.8 else rng.uniform(80, 160))
     top = float(rng.uniform(-15, 50)) * patient.scale_xyz[2]  # from above the domes to below them
     if shape_zyx is not None and spacing_zyx_mm is not None:
         length = shape_zyx[0] * spacing_zyx_mm[0] * spacing_scale
@@ -1162,31 +1176,41 @@ def generate_patient_sequences(seed: int, sequences: Sequence[str] = ("t1", "t2"
 
 def write_case(phantom: Phantom, images_dir: str | Path, labels_dir: str | Path | None, case_id: str,
                label_set: str = "organs") -> Path:
-    """`<case>_0000.nii.gz` into images_dir and `<case>.nii.gz` (organs or lesion) into labels_dir."""
+    """`<case>_0000.nii.gz` into images_dir and `<case>.nii.gz` (organs or lesion) into labels_dir,
+    each written under a temporary name and renamed, labels first: an image on disk has its labels."""
     _check_choice("label_set", label_set, ("organs", "lesion"))
     images_dir = Path(images_dir)
     images_dir.mkdir(parents=True, exist_ok=True)
-    path = images_dir / f"{case_id}_0000.nii.gz"
-    sitk.WriteImage(_to_sitk(phantom.image_zyx, phantom.grid), str(path), True)
     if labels_dir is not None:
         labels_dir = Path(labels_dir)
         labels_dir.mkdir(parents=True, exist_ok=True)
         labels = phantom.organs_zyx if label_set == "organs" else phantom.lesions_zyx
-        sitk.WriteImage(_to_sitk(labels, phantom.grid), str(labels_dir / f"{case_id}.nii.gz"), True)
+        _write_atomic(_to_sitk(labels, phantom.grid), labels_dir / f"{case_id}.nii.gz")
+    path = images_dir / f"{case_id}_0000.nii.gz"
+    _write_atomic(_to_sitk(phantom.image_zyx, phantom.grid), path)
     return path
+
+
+def _write_atomic(image: sitk.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+    sitk.WriteImage(image, str(tmp), True)
+    os.replace(tmp, path)
 
 
 def write_dataset(out_dir: str | Path, n_cases: int, seed: int, *, modality: str = "ct", label_set: str = "organs",
                   anatomy: str = "synthetic", spacing_zyx_mm: Sequence[float] | None = None,
                   spacing_scale: float = 1.0, prefix: str = "phantom",
-                  on_case: Callable[[str, float], None] | None = None) -> Path:
+                  on_case: Callable[[str, float], None] | None = None, keep_existing: bool = False) -> Path:
     """An nnU-Net raw dataset: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json.
-    Case n uses seed `seed + n`; `on_case(case_id, seconds)` is called after each."""
+    Case n uses seed `seed + n`; `on_case(case_id, seconds)` is called after each. keep_existing:
+    a case whose image is already there is not made again (an interrupted run goes on)."""
     _check_choice("label_set", label_set, ("organs", "lesion"))
     out_dir = Path(out_dir)
     for n in range(n_cases):
         start = time.perf_counter()
         case_id = f"{prefix}_{seed + n:04d}"
+        if keep_existing and (out_dir / "imagesTr" / f"{case_id}_0000.nii.gz").is_file():
+            continue
         phantom = generate_case(seed + n, modality=modality, anatomy=anatomy, spacing_zyx_mm=spacing_zyx_mm,
                                 spacing_scale=spacing_scale)
         write_case(phantom, out_dir / "imagesTr", out_dir / "labelsTr", case_id, label_set)

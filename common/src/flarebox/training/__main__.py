@@ -5,7 +5,11 @@
 
 `--config` holds `[train]` and, to create MODEL_DIR's plans.json, `[network]` (see
 flarebox/training/config.py). Options below override `[train]` keys. One line per epoch (rank 0):
-loss, learning rate, validation DSC/NSD when validated, seconds.
+loss, learning rate, steps per second, validation DSC/NSD when validated, seconds.
+
+Interrupted (SIGTERM, SIGINT, a killed process), the same command goes on from checkpoint_latest.pth:
+the step it reached, with its optimiser, schedule, training time and the very batches it would have
+drawn (see loader.py). `--restart` starts afresh instead.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from flarebox.errors import CaseError, ConfigError
 
 OVERRIDES = (("epochs", int), ("iterations-per-epoch", int), ("batch-size", int), ("learning-rate", float),
              ("optimizer", str), ("time-limit-minutes", float), ("validation-cases", int),
-             ("validate-every-epochs", int), ("device", str), ("seed", int))
+             ("validate-every-epochs", int), ("device", str), ("seed", int), ("data-workers", int),
+             ("checkpoint-every-minutes", float))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,7 +36,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="TOML file with [train] and optionally [network]")
     t.add_argument("--fold", type=int, default=0)
     t.add_argument("--cache", help="folder for preprocessed cases (default DATASET/preprocessed)")
-    t.add_argument("--continue", dest="resume", action="store_true", help="resume from checkpoint_latest.pth")
+    start = t.add_mutually_exclusive_group()
+    start.add_argument("--continue", dest="resume", action="store_const", const=True,
+                       help="insist on resuming from checkpoint_latest.pth (the default resumes when there is one)")
+    start.add_argument("--restart", dest="resume", action="store_const", const=False,
+                       help="start afresh even when checkpoint_latest.pth exists")
     for name, kind in OVERRIDES:
         t.add_argument(f"--{name}", type=kind, help="overrides [train] " + name.replace("-", "_"))
     return p
@@ -44,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s")
     from flarebox.training.config import load_config
-    from flarebox.training.trainer import train
+    from flarebox.training.trainer import Interrupted, train
 
     try:
         overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _ in OVERRIDES}
@@ -54,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CaseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stopped:
+        print(stopped, file=sys.stderr)
+        return 128 + stopped.signum
     return 0
 
 

@@ -37,7 +37,7 @@ def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, tensor in module.state_dict().items():
         key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
         if key not in copies:
-            copies[key] = tensor.detach().cpu()
+            copies[key] = tensor.detach().cpu().contiguous()  # channels-last weights load anywhere
         out[name] = copies[key]
     return out
 

@@ -34,6 +34,7 @@ from typing import Any
 from flarebox.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
+AMP_DTYPES = ("auto", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,20 @@ class TrainConfig:
     validation_cases: int = 2
     validate_every_epochs: int = 10
     validation_step: float = 0.5  # sliding-window step when validating (1.0: ~4-8x fewer tiles in 3D)
-    save_every_epochs: int = 50  # checkpoint_latest.pth, for --continue
-    time_limit_minutes: float = 0.0  # stop early (and save) when reached; 0 = no limit
+    # checkpoint_latest.pth this often (and when SIGTERM or SIGINT stops the run): a killed run loses
+    # at most this much, and rerunning the same command goes on from there
+    checkpoint_every_minutes: float = 5.0
+    # total training time (over all resumed pieces) that ends the run and drives the poly schedule
+    # instead of the epochs; 0 = no limit
+    time_limit_minutes: float = 0.0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:<n>; under torchrun, cuda means each rank's local GPU
-    amp: bool = True  # fp16 autocast and grad scaling on CUDA (ignored on the CPU)
+    # autocast: on CUDA fp16 with grad scaling; on the CPU bf16 where it has native bf16 (AVX-512 BF16
+    # or AMX), else f32 (emulated bf16 is slower than f32)
+    amp: bool = True
+    amp_dtype: str = "auto"  # auto | float16 | bfloat16 (bfloat16 forces it on any CPU)
+    channels_last: bool = True  # channels-last-3d tensors: oneDNN's faster layout for 3D convolutions
+    data_workers: int = 1  # processes making batches beside the step; 0 = in the main process
     # Partial labels: (case-id prefix, classes that source dataset annotates). A case matching no
     # prefix is fully labelled. See loss.py for what the loss does with the other classes.
     partial_labels: tuple[tuple[str, tuple[int, ...]], ...] = ()
@@ -166,6 +176,9 @@ def _validate_train(c: TrainConfig) -> None:
         ("patch_zyx", c.patch_zyx is None or (len(c.patch_zyx) == 3 and min(c.patch_zyx) > 0), "3 positive sizes"),
         ("validate_every_epochs", c.validate_every_epochs >= 1, "must be at least 1"),
         ("validation_step", 0 < c.validation_step <= 1, "must be in (0, 1]"),
+        ("amp_dtype", c.amp_dtype in AMP_DTYPES, f"must be one of {AMP_DTYPES}"),
+        ("data_workers", c.data_workers >= 0, "must be 0 or more"),
+        ("checkpoint_every_minutes", c.checkpoint_every_minutes > 0, "must be positive"),
         ("partial_labels", all(all(k > 0 for k in ks) for _, ks in c.partial_labels), "classes are labels > 0"),
     ]
     for key, ok, reason in checks:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,9 +32,9 @@ import numpy as np
 from flarebox import io, phantoms
 from flarebox.metrics import score_case
 from flarebox.models import build_network, load_plan
-from flarebox.training.checkpoint import strip_optimizer
+from flarebox.training.checkpoint import load, strip_optimizer
 from flarebox.training.config import NetworkSpec, TrainConfig, replace
-from flarebox.training.trainer import train
+from flarebox.training.trainer import Interrupted, train
 
 log = logging.getLogger("flarebox.training")
 REAL_DIR = Path(__file__).resolve().parents[5] / "shared" / "data" / "real"
@@ -61,18 +61,20 @@ TASKS = {
     # per stage, 2.5 mm isotropic, 40x224x192 inference patch, CT clip [-958, 270], (x + 97.3) / 137.8,
     # 14 classes. Demo: 8..64 features instead of 32..320 (1.5 M instead of 30.7 M parameters: the
     # weights stay a few MB; compute is in the 8- and 16-feature stages at full resolution anyway)
-    # and a 40x128x128 patch, for training and inference alike: 40x224x192 costs ~2.3x more per step
-    # on two cores, and training on 40x128x128 but inferring on 40x224x192 halved the validation
-    # DSC (instance normalisation then sees far more zero padding than in training).
+    # and a 32x96x96 patch (8 x 24 x 24 cm), for training and inference alike: a step costs a quarter
+    # of 40x128x128's on two cores (docs/benchmarks.md, training), so four times the steps; training
+    # on one patch but inferring on a larger one halved the validation DSC (instance normalisation
+    # then sees far more zero padding than in training). No mirroring: left and right organs differ
+    # only by side, and the phantoms come both as LPS and as RAS (rotated 180 degrees, not mirrored).
     "task2": DemoTask(
         label_set="organs",
         network=NetworkSpec(
             features_per_stage=(8, 16, 32, 64, 64, 64), strides_zyx=TASK2_STRIDES,
             kernel_sizes_zyx=((1, 3, 3),) + ((3, 3, 3),) * 5, blocks_per_stage=(2,) * 6,
-            spacing_zyx_mm=(2.5, 2.5, 2.5), patch_zyx=(40, 128, 128),
+            spacing_zyx_mm=(2.5, 2.5, 2.5), patch_zyx=(32, 96, 96),
             ct_clip_hu=(-958.0, 270.0), ct_mean_hu=-97.3, ct_std_hu=137.8),
-        training={},
-        backend="openvino", precision="int8", openvino=True, int8=True, train_spacing_scale=2.0),
+        training={"epochs": 100, "iterations_per_epoch": 40, "mirror_axes": ()},
+        backend="openvino", precision="int8", openvino=True, int8=True, train_spacing_scale=1.0),
     # Published Task 1 model: ResidualEncoderUNet (nnU-Net ResEnc L, blocks 1,3,4,6,6,6), 1 x 0.8 x 0.8 mm,
     # 96x160x160 patch, CT clip [-900, 619], (x + 52.2) / 268.8, 2 classes. Demo: blocks 1,2,2,2,2,2
     # with 8..64 features (2.0 M parameters instead of 102 M), at 2.5 x 2 x 2 mm with a 32x64x64 patch
@@ -88,24 +90,27 @@ TASKS = {
             kernel_sizes_zyx=((3, 3, 3),) * 6, blocks_per_stage=(1, 2, 2, 2, 2, 2),
             spacing_zyx_mm=(2.5, 2.0, 2.0), patch_zyx=(32, 64, 64),
             ct_clip_hu=(-900.0, 619.0), ct_mean_hu=-52.2, ct_std_hu=268.8),
-        training={"foreground_oversampling": 0.9, "batch_dice": True},
+        training={"epochs": 120, "foreground_oversampling": 0.9, "batch_dice": True},
         # Task 1's container runs torch on the GPU: an IR would be dead weight in its image
-        backend="torch", precision="f32", openvino=False, int8=False, train_spacing_scale=1.5),
+        backend="torch", precision="f32", openvino=False, int8=False, train_spacing_scale=1.0),
 }
 
-# What a 20-minute CPU budget changes from nnU-Net's recipe, for both tasks (DemoTask.training adds more):
+# What a CPU budget of a few thousand steps changes from nnU-Net's recipe, for both tasks
+# (DemoTask.training adds more):
 DEMO_TRAINING = dict(
-    epochs=1000,  # an upper bound: the time limit ends training and drives the poly schedule
+    epochs=100,
     iterations_per_epoch=25,
     batch_size=2,
     # AdamW: in a few hundred steps SGD with momentum 0.99 sat on the all-background plateau
     optimizer="adamw", learning_rate=3e-3, weight_decay=3e-5,
     foreground_oversampling=0.5,  # more foreground per step: every step counts when there are few
     rotation_deg=15.0, scale_range=(0.85, 1.25),  # milder: phantoms vary less than scanners
-    intensity_augmentation=False,  # phantoms' intensities are the distribution held-out cases come from
+    # nnU-Net's intensity augmentation: a real CT's noise, contrast and sharpness differ from the
+    # phantoms', and the model must not lean on the phantoms' exact values
+    intensity_augmentation=True,
     # validation runs whole cases through the sliding window on the CPU (minutes each with small
-    # patches): every 8 epochs and at the end, with a step of one patch
-    validation_cases=2, validate_every_epochs=8, validation_step=1.0, device="cpu",
+    # patches): every 25 epochs and at the end, with a step of one patch
+    validation_cases=2, validate_every_epochs=25, validation_step=1.0, device="cpu",
 )
 
 
@@ -187,65 +192,91 @@ def markdown(scores: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(task_name: str, out: Path, *, minutes: float, n_train: int, n_held_out: int, seed: int,
-        work: Path | None = None) -> dict:
-    """Generate, train, convert, score; returns the scores written to out/scores.json."""
+SHIPPED = ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth")
+
+
+def run(task_name: str, out: Path, *, work: Path, n_train: int, n_held_out: int, seed: int,
+        minutes: float | None = None) -> dict:
+    """Generate, train, convert, score; returns the scores written to out/scores.json.
+
+    Everything but the shipped model lives in `work` (phantoms, cache, the training's checkpoints),
+    so rerunning the same command after an interruption goes on where it stopped. minutes: a total
+    training-time budget instead of the task's epochs (the schedule then runs on time)."""
     task = TASKS[task_name]
-    keep_work = work is not None
-    work = work or Path(tempfile.mkdtemp(prefix=f"flarebox-demo-{task_name}-"))
     start = time.perf_counter()
     raw = phantoms.write_dataset(work / "raw", n_train, seed, label_set=task.label_set,
-                                 spacing_scale=task.train_spacing_scale)
-    held_out = phantoms.write_dataset(work / "held_out", n_held_out, seed + 10_000, label_set=task.label_set)
-    log.info("phantoms: %d for training, %d held out, in %.0fs", n_train, n_held_out, time.perf_counter() - start)
+                                 spacing_scale=task.train_spacing_scale, keep_existing=True)
+    held_out = phantoms.write_dataset(work / "held_out", n_held_out, seed + 10_000, label_set=task.label_set,
+                                      keep_existing=True)
+    log.info("phantoms: %d for training, %d held out, ready in %.0fs", n_train, n_held_out,
+             time.perf_counter() - start)
+
+    changes = {**DEMO_TRAINING, **task.training, "seed": seed}
+    if minutes is not None:
+        changes["time_limit_minutes"] = minutes
+    config = replace(TrainConfig(), **changes)
+    model = work / "model"
+    final = train(raw, model, config, network_spec=task.network, cache_dir=work / "preprocessed")
+    state = load(final)
 
     out.mkdir(parents=True, exist_ok=True)
     clear_model_folder(out)
-    config = replace(TrainConfig(), **{**DEMO_TRAINING, **task.training}, time_limit_minutes=minutes, seed=seed)
-    train_start = time.perf_counter()
-    final = train(raw, out, config, network_spec=task.network, cache_dir=work / "preprocessed")
-    train_minutes = (time.perf_counter() - train_start) / 60
-    for extra in ("checkpoint_latest.pth", "checkpoint_best.pth"):
-        (final.parent / extra).unlink(missing_ok=True)
-    strip_optimizer(final)  # the shipped checkpoint: weights and metadata, no optimizer state
-
-    from flarebox.convert import convert_model
-    from flarebox.training.checkpoint import load
-
+    for name in SHIPPED:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(model / name, out / name)
+    strip_optimizer(out / SHIPPED[-1])  # the shipped checkpoint: weights and metadata, no optimizer state
     if task.openvino:
+        from flarebox.convert import convert_model
+
         calibration = sorted((raw / "imagesTr").glob(f"*{io.INPUT_SUFFIX}"))[:4] if task.int8 else []
         convert_model(out, calibration_images=calibration, tiles_per_image=4)
     scores = score_model(out, task, held_out)
-    state = load(final)
+    progress = state["logging"]["progress"]
     scores["training"] = {
-        "minutes": train_minutes, "device": config.device, "epochs": state["current_epoch"],
-        "iterations_per_epoch": config.iterations_per_epoch, "batch_size": config.batch_size,
-        "training_cases": n_train - config.validation_cases, "validation": state["logging"]["validation"][-1:],
+        "minutes": progress["training_seconds"] / 60, "device": config.device, "epochs": state["current_epoch"],
+        "steps": progress["steps_done"], "iterations_per_epoch": config.iterations_per_epoch,
+        "batch_size": config.batch_size, "training_cases": n_train - config.validation_cases,
+        "validation": state["logging"]["validation"][-1:], "cpu": cpu_description(),
         "parameters": int(sum(p.numel() for p in build_network(load_plan(out)).parameters())),
         "config": vars(config),
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2, default=list) + "\n")
     (out / "scores.md").write_text(markdown(scores, f"{task_name} demo model"))
-    if not keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    log.info("demo %s done in %.1f min (training %.1f min)", task_name, (time.perf_counter() - start) / 60,
-             train_minutes)
+    log.info("demo %s done in %.1f min (training %.1f min over all its runs)", task_name,
+             (time.perf_counter() - start) / 60, progress["training_seconds"] / 60)
     return scores
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the instruction sets that decide training and inference speed."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return f"{name}, {os.cpu_count()} cores, " + " ".join(f for f in wanted if f in flags)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flarebox.training.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--out", required=True, help="model folder to write")
-    parser.add_argument("--minutes", type=float, default=20, help="training time limit")
+    parser.add_argument("--minutes", type=float, help="total training time instead of the task's epochs")
     parser.add_argument("--train-cases", type=int, default=40, help="phantoms to train on (2 of them validate)")
     parser.add_argument("--held-out", type=int, default=10, help="phantoms to score on")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", help="keep the phantoms and the cache here (default: a temporary folder)")
+    parser.add_argument("--work", required=True,
+                        help="phantoms, cache and checkpoints: rerun with the same folder to go on where it stopped")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    run(args.task, Path(args.out).resolve(), minutes=args.minutes, n_train=args.train_cases,
-        n_held_out=args.held_out, seed=args.seed, work=Path(args.work) if args.work else None)
+    try:
+        run(args.task, Path(args.out).resolve(), minutes=args.minutes, n_train=args.train_cases,
+            n_held_out=args.held_out, seed=args.seed, work=Path(args.work).resolve())
+    except Interrupted as stopped:
+        log.warning("%s", stopped)
+        return 128 + stopped.signum
     return 0
 
 

@@ -8,25 +8,40 @@ them). Out: MODEL_DIR/fold_<k>/checkpoint_final.pth (and _best, _latest) with nn
 
 nnUNetTrainer's recipe: He initialisation; SGD (momentum 0.99, Nesterov, weight decay 3e-5) or
 AdamW; poly learning rate lr0 * (1 - epoch / epochs) ** 0.9 set at each epoch's start; gradient
-norm clipped to 12; fp16 autocast with grad scaling on CUDA. With a time limit the schedule runs
-on max(epoch / epochs, elapsed / limit), so it still decays to 0 when time, not epochs, ends it.
+norm clipped to 12; fp16 autocast with grad scaling on CUDA (bf16 autocast on CPUs with native
+bf16). With a time limit the schedule runs on max(epoch / epochs, training time / limit), so it
+still decays to 0 when time, not epochs, ends it.
+
+Around the step: batches are made in a worker process (loader.py) as a function of the step alone;
+tensors are channels-last-3d (oneDNN's faster layout for 3D convolutions on the CPU); validation
+time is not training time.
+
+Interruptions: checkpoint_latest.pth is written every `checkpoint_every_minutes` and, on SIGTERM or
+SIGINT, after the step in progress. It holds the step reached, the optimiser and grad-scaler state,
+the learning rate of the epoch in progress, the training time and the logs; running the same
+command again goes on from there and draws the very batches the uninterrupted run would have, so
+the run ends with the same weights.
 
 Under torchrun (torch.distributed, gloo on the CPU, NCCL on GPUs) the model is wrapped in
 DistributedDataParallel, which averages gradients; each rank preprocesses its share of the cases,
 draws its share of the global batch with its own seed (as DistributedSampler seeds by rank), and rank
-0 alone validates and writes checkpoints. Ranks agree on the learning rate and on when to stop by an
-all-reduce, and the final checkpoint records every rank's parameter digest.
+0 alone validates and writes checkpoints. Ranks agree on the learning rate, on stopping and on
+saving by collective operations, and the final checkpoint records every rank's parameter digest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +50,13 @@ import torch.distributed as dist
 from flarebox.errors import CaseError, ConfigError
 from flarebox.models import ModelPlan, build_network, load_plan
 from flarebox.training import checkpoint
-from flarebox.training.augment import SpatialSettings, centre_crop, intensity, is_flat, spatial, spatial_margin
+from flarebox.training.augment import SpatialSettings, spatial_margin
 from flarebox.training.config import NetworkSpec, TrainConfig
 from flarebox.training.data import TrainingCase, list_cases, load_cached, prepare_cache, split_cases
+from flarebox.training.loader import BatchRecipe, batches
 from flarebox.training.loss import deep_supervision_loss
 from flarebox.training.plans import dataset_labels, write_plans
-from flarebox.training.sampling import Batch, rank_batch_size, sample_batch
+from flarebox.training.sampling import rank_batch_size
 from flarebox.training.validate import ValidationScores, validate
 
 log = logging.getLogger("flarebox.training")
@@ -162,27 +178,66 @@ def _load_data(dataset_dir: Path, plan: ModelPlan, cache_dir: Path, config: Trai
     return load_cached(train_ids, folder), load_cached(val_ids, folder)
 
 
-def augmented_batch(batch: Batch, patch_zyx: tuple[int, int, int], config: TrainConfig, settings: SpatialSettings,
-                    device: torch.device, rng: np.random.Generator,
-                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled crops -> augmented (b, c, *patch) images and (b, *patch) int64 labels on `device`."""
-    x = torch.from_numpy(batch.images).to(device, non_blocking=True)
-    y = torch.from_numpy(batch.labels).to(device, non_blocking=True).long()
-    if config.spatial_augmentation:
-        x, y = spatial(x, y, patch_zyx, settings, rng, gen)
-    else:
-        x, y = centre_crop(x, patch_zyx), centre_crop(y, patch_zyx)
-    if config.intensity_augmentation:
-        x = intensity(x, is_flat(patch_zyx), rng, gen)
-    return x, y
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after a step; checkpoint_latest.pth holds that step."""
+
+    def __init__(self, checkpoint_path: Path, steps_done: int, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum} after step {steps_done}; {checkpoint_path} holds it: "
+                         "run the same command again to go on")
+        self.checkpoint_path, self.steps_done, self.signum = checkpoint_path, steps_done, signum
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only raise a flag the loop checks after each step (a second
+    SIGINT still interrupts at once). Signals can only be caught in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = 0  # the signal received, 0 for none
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+        log.warning("signal %d: stopping after this step (checkpoint_latest.pth)", signum)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: the CPUs where oneDNN's bf16 kernels beat f32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for this device, or None for f32."""
+    if not config.amp:
+        return None
+    if config.amp_dtype != "auto":
+        return getattr(torch, config.amp_dtype)
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
 def train_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor | None, config: TrainConfig,
-               use_amp: bool) -> float:
+               amp: torch.dtype | None) -> float:
     """One optimiser step on one batch; returns the loss. Under DDP, backward() averages gradients."""
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(x.device.type, enabled=use_amp):
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
         outputs = network(x)
     if labelled is not None:
         labelled = labelled.to(x.device)
@@ -200,28 +255,40 @@ def train_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scale
     return float(loss.detach())
 
 
-def _progress(epoch: int, config: TrainConfig, elapsed_s: float, procs: Processes) -> float:
-    """Schedule position in [0, 1]: epochs done, or time used when that is further along. Rank 0's
-    clock decides, so every rank uses the same learning rate."""
+def schedule_progress(epoch: int, config: TrainConfig, training_seconds: float) -> float:
+    """Schedule position in [0, 1]: epochs done, or training time used (over all resumed pieces) when
+    that is further along."""
     progress = epoch / config.epochs
     if config.time_limit_minutes > 0:
-        progress = max(progress, elapsed_s / (60 * config.time_limit_minutes))
-    if procs.distributed:
-        value = torch.tensor([progress], dtype=torch.float64)
-        dist.broadcast(value, 0)
-        progress = float(value.item())
-    return progress
+        progress = max(progress, training_seconds / (60 * config.time_limit_minutes))
+    return min(progress, 1.0)
+
+
+def _agree(values: list[float], procs: Processes, op: str) -> list[float]:
+    """Rank 0's values (op="broadcast") or the maximum over ranks (op="max"), so all ranks decide alike."""
+    if not procs.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if op == "broadcast":
+        dist.broadcast(tensor, 0)
+    else:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 def _log_epoch(epoch: int, config: TrainConfig, progress: float, loss: float, lr: float, seconds: float,
-               scores: ValidationScores | None) -> None:
+               steps_per_s: float, scores: ValidationScores | None) -> None:
     line = f"epoch {epoch + 1:4d}/{config.epochs}"
     if config.time_limit_minutes > 0:
         line += f" ({100 * progress:3.0f}% of {config.time_limit_minutes:g} min)"
-    line += f"  loss {loss:+.4f}  lr {lr:.5f}"
+    line += f"  loss {loss:+.4f}  lr {lr:.5f}  {steps_per_s:.2f} steps/s"
     if scores is not None:
         line += f"  val DSC {scores.mean_dsc:.3f} NSD {scores.mean_nsd:.3f}"
     log.info("%s  %.1fs", line, seconds)
+
+
+# what a resumed run must share with the run it resumes, or it would train on other batches
+RESUME_KEYS = ("seed", "batch_size", "iterations_per_epoch", "patch_zyx", "foreground_oversampling")
 
 
 def train(
@@ -232,15 +299,23 @@ def train(
     network_spec: NetworkSpec | None = None,
     fold: int = 0,
     cache_dir: str | Path | None = None,
-    resume: bool = False,
+    resume: bool | None = None,
 ) -> Path:
     """Train one fold; returns the final checkpoint's path (on every rank).
 
     network_spec: write a new plans.json/dataset.json into model_dir first (else use the folder's).
     cache_dir: where preprocessed cases are cached (default DATASET/preprocessed).
-    resume: continue from fold_<k>/checkpoint_latest.pth (network, optimizer, schedule, logs).
+    resume: None (default) goes on from fold_<k>/checkpoint_latest.pth when there is one (network,
+    optimizer, grad scaler, step, schedule, training time, logs; batches are a function of the step)
+    and starts afresh otherwise; True insists on resuming, False starts afresh.
+    Raises Interrupted when SIGTERM or SIGINT stopped it (after saving checkpoint_latest.pth).
     """
     dataset_dir, model_dir = Path(dataset_dir), Path(model_dir)
+    latest = model_dir / f"fold_{fold}" / "checkpoint_latest.pth"
+    if resume is None:
+        resume = latest.is_file()
+    elif resume and not latest.is_file():
+        raise ConfigError(f"{latest}: no checkpoint to continue from")
     procs = start_processes(config.device)
     try:
         return _train(dataset_dir, model_dir, config, network_spec, fold,
@@ -250,112 +325,180 @@ def train(
             dist.destroy_process_group()
 
 
+def _check_resumable(state: dict, config: TrainConfig, model_dir: Path, spec: NetworkSpec | None,
+                     num_training: int) -> None:
+    before = state["logging"].get("train_config", {})
+    changed = [k for k in RESUME_KEYS if k in before and before[k] != _plain(getattr(config, k))]
+    if changed:
+        raise ConfigError(f"{model_dir}: its checkpoint was trained with other {', '.join(changed)} "
+                          f"({', '.join(f'{k}={before[k]}' for k in changed)}); start afresh in another folder")
+    if spec is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            write_plans(tmp, spec, state["init_args"]["dataset_json"]["labels"], num_training=num_training)
+            wanted = json.loads((Path(tmp) / "plans.json").read_text())["configurations"]
+        if wanted != state["init_args"]["plans"]["configurations"]:
+            raise ConfigError(f"{model_dir}: its checkpoint holds another network than [network] describes; "
+                              "start afresh in another folder")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: NetworkSpec | None, fold: int,
            cache_dir: Path, resume: bool, procs: Processes) -> Path:
+    fold_dir = model_dir / f"fold_{fold}"
+    state = checkpoint.load(fold_dir / "checkpoint_latest.pth") if resume else None
+    if state is not None:
+        _check_resumable(state, config, model_dir, spec, len(list_cases(dataset_dir)))
     plan = _prepare_model_folder(dataset_dir, model_dir, spec, procs, resume)
     train_cases, val_cases = _load_data(dataset_dir, plan, cache_dir, config, fold, procs)
     check_partial_labels(train_cases + val_cases, config, plan.num_classes)
     patch = config.patch_zyx or plan.patch_zyx
     settings = SpatialSettings(config.rotation_deg, config.scale_range, config.elastic_deformation,
                                config.mirror_axes if config.spatial_augmentation else ())
-    margin = spatial_margin(patch, settings) if config.spatial_augmentation else (0, 0, 0)
-    local_batch = rank_batch_size(config.batch_size, procs.rank, procs.world)
-    fold_dir = model_dir / f"fold_{fold}"
+    recipe = BatchRecipe(
+        cases=train_cases, batch_size=rank_batch_size(config.batch_size, procs.rank, procs.world), patch_zyx=patch,
+        margin_zyx=spatial_margin(patch, settings) if config.spatial_augmentation else (0, 0, 0),
+        oversampling=config.foreground_oversampling, settings=settings,
+        spatial_augmentation=config.spatial_augmentation, intensity_augmentation=config.intensity_augmentation,
+        seed=config.seed, rank=procs.rank)
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's too)
     network = build_network(plan, deep_supervision=config.deep_supervision)
     network.apply(he_init)
-    network.to(procs.device).train()
+    layout = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    network.to(procs.device, memory_format=layout).train()
     optimizer = make_optimizer(network.parameters(), config)
-    use_amp = config.amp and procs.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    history: dict[str, list] = {"train_losses": [], "lrs": [], "epoch_start_timestamps": [],
-                                "epoch_end_timestamps": [], "mean_fg_dice": [], "ema_fg_dice": [],
-                                "dice_per_class_or_region": [], "validation": []}
-    first_epoch, best_ema = 0, None
-    if resume:
-        state = checkpoint.load(fold_dir / "checkpoint_latest.pth")
+    amp = autocast_dtype(config, procs.device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and procs.device.type == "cuda" else None
+    history: dict[str, Any] = {"train_losses": [], "lrs": [], "epoch_start_timestamps": [],
+                               "epoch_end_timestamps": [], "mean_fg_dice": [], "ema_fg_dice": [],
+                               "dice_per_class_or_region": [], "validation": []}
+    steps_done, training_seconds, best_ema, epoch_losses, epoch_lr = 0, 0.0, None, [], None
+    if state is not None:
         network.load_state_dict(state["network_weights"])
         if state.get("optimizer_state") is not None:
             optimizer.load_state_dict(state["optimizer_state"])
         if scaler is not None and state.get("grad_scaler_state") is not None:
             scaler.load_state_dict(state["grad_scaler_state"])
-        history, first_epoch, best_ema = state["logging"], int(state["current_epoch"]), state["_best_ema"]
+        history, best_ema = state["logging"], state["_best_ema"]
+        progress_state = history.get("progress", {})
+        steps_done = int(progress_state.get("steps_done", state["current_epoch"] * config.iterations_per_epoch))
+        training_seconds = float(progress_state.get("training_seconds", 0.0))
+        epoch_losses = list(progress_state.get("epoch_losses", []))
+        epoch_lr = progress_state.get("epoch_lr")
+    history["train_config"] = {k: _plain(v) for k, v in vars(config).items()}
     if procs.distributed:
         # without deep supervision the decoder's other heads get no gradient, which DDP must be told
         network = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[procs.device.index] if procs.device.type == "cuda" else None,
             find_unused_parameters=not config.deep_supervision)
-
-    # DistributedSampler-style: one seed for the run, a different stream per rank (and per resume)
-    rng = np.random.default_rng([config.seed, procs.rank, first_epoch])
-    gen = torch.Generator(device=procs.device).manual_seed(config.seed * 1_000_003 + procs.rank * 7919 + first_epoch)
     mirror_axes = settings.mirror_axes
+    per_epoch = config.iterations_per_epoch
+    total_steps = config.epochs * per_epoch
 
     def save(name: str) -> Path:
-        return checkpoint.save(fold_dir / name, network, model_dir=model_dir, fold=fold, epochs_done=epoch + 1,
-                               logging=history, best_ema=best_ema, mirror_axes=mirror_axes, optimizer=optimizer,
-                               grad_scaler=scaler)
+        history["progress"] = {"steps_done": steps_done, "training_seconds": training_seconds,
+                               "epoch_losses": list(epoch_losses), "epoch_lr": epoch_lr}
+        return checkpoint.save(fold_dir / name, network, model_dir=model_dir, fold=fold,
+                               epochs_done=steps_done // per_epoch, logging=history, best_ema=best_ema,
+                               mirror_axes=mirror_axes, optimizer=optimizer, grad_scaler=scaler)
 
-    start = time.perf_counter()
-    epoch = first_epoch - 1
-    for epoch in range(first_epoch, config.epochs):
-        progress = _progress(epoch, config, time.perf_counter() - start, procs)
-        lr = poly_lr(config.learning_rate, progress, config.poly_exponent)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        epoch_start = time.perf_counter()
-        history["epoch_start_timestamps"].append(time.time())
-        losses = []
-        for _ in range(config.iterations_per_epoch):
-            batch = sample_batch(train_cases, local_batch, patch, rng, oversampling=config.foreground_oversampling,
-                                 margin_zyx=margin)
-            x, y = augmented_batch(batch, patch, config, settings, procs.device, rng, gen)
+    final = fold_dir / "checkpoint_final.pth"
+    finished = steps_done >= total_steps or schedule_progress(0, config, training_seconds) >= 1.0
+    if state is not None and procs.rank == 0:
+        log.info("resuming at step %d of %d (epoch %d, %.1f min trained)", steps_done, total_steps,
+                 steps_done // per_epoch + 1, training_seconds / 60)
+    if finished and state is not None and final.is_file():
+        log.info("%s: already trained to the end", final)
+        return final
+
+    stream = batches(recipe, steps_done, total_steps, workers=config.data_workers,
+                     pin_memory=procs.device.type == "cuda")
+    interrupted = False
+    last_save = clock = time.perf_counter()
+    epoch_clock, steps_at_epoch_start = clock, steps_done
+    with StopSignals() as signals:
+        while not finished:
+            epoch, within = divmod(steps_done, per_epoch)
+            if within == 0 or epoch_lr is None:
+                progress = _agree([schedule_progress(epoch, config, training_seconds)], procs, "broadcast")[0]
+                epoch_lr = poly_lr(config.learning_rate, progress, config.poly_exponent)
+                if within == 0:
+                    history["epoch_start_timestamps"].append(time.time())
+            for group in optimizer.param_groups:
+                group["lr"] = epoch_lr
+            batch = next(stream)
+            x = batch.images.to(procs.device, non_blocking=True, memory_format=layout)
+            y = batch.labels.to(procs.device, non_blocking=True)
             labelled = labelled_mask(batch.case_ids, config, plan.num_classes)
-            losses.append(train_step(network, optimizer, scaler, x, y, labelled, config, use_amp))
-        mean_loss = float(np.mean(losses))
-        if procs.distributed:
-            value = torch.tensor([mean_loss], dtype=torch.float64)
-            dist.all_reduce(value)
-            mean_loss = float(value.item()) / procs.world
-        history["train_losses"].append(mean_loss)
-        history["lrs"].append(lr)
-        history["epoch_end_timestamps"].append(time.time())
+            epoch_losses.append(train_step(network, optimizer, scaler, x, y, labelled, config, amp))
+            steps_done += 1
+            now = time.perf_counter()
+            training_seconds += now - clock
+            clock = now
 
-        progress = _progress(epoch + 1, config, time.perf_counter() - start, procs)
-        last = epoch + 1 >= config.epochs or progress >= 1.0
-        scores = None
-        if procs.rank == 0 and val_cases and ((epoch + 1) % config.validate_every_epochs == 0 or last):
-            scores = validate(network, val_cases, plan, procs.device, step_size=config.validation_step)
-            best_ema = scores.mean_dsc if best_ema is None else 0.9 * best_ema + 0.1 * scores.mean_dsc
-            history["mean_fg_dice"].append(scores.mean_dsc)
-            history["ema_fg_dice"].append(best_ema)
-            history["dice_per_class_or_region"].append([s["dsc"] for s in scores.per_class.values()])
-            history["validation"].append({"epoch": epoch + 1, "mean_dsc": scores.mean_dsc,
-                                          "mean_nsd": scores.mean_nsd, "per_class": scores.per_class})
-            if best_ema >= max(history["ema_fg_dice"]):
-                save("checkpoint_best.pth")
+            if steps_done % per_epoch == 0:
+                mean_loss = _agree([float(np.mean(epoch_losses))], procs, "broadcast")[0]
+                history["train_losses"].append(mean_loss)
+                history["lrs"].append(epoch_lr)
+                history["epoch_end_timestamps"].append(time.time())
+                progress = _agree([schedule_progress(epoch + 1, config, training_seconds)], procs, "broadcast")[0]
+                finished = steps_done >= total_steps or progress >= 1.0
+                scores = None
+                if procs.rank == 0 and val_cases and ((epoch + 1) % config.validate_every_epochs == 0 or finished):
+                    scores = validate(network, val_cases, plan, procs.device, step_size=config.validation_step)
+                    best_ema = scores.mean_dsc if best_ema is None else 0.9 * best_ema + 0.1 * scores.mean_dsc
+                    history["mean_fg_dice"].append(scores.mean_dsc)
+                    history["ema_fg_dice"].append(best_ema)
+                    history["dice_per_class_or_region"].append([s["dsc"] for s in scores.per_class.values()])
+                    history["validation"].append({"epoch": epoch + 1, "mean_dsc": scores.mean_dsc,
+                                                  "mean_nsd": scores.mean_nsd, "per_class": scores.per_class})
+                    if best_ema >= max(history["ema_fg_dice"]):
+                        save("checkpoint_best.pth")
+                if procs.rank == 0:
+                    seconds = time.perf_counter() - epoch_clock
+                    _log_epoch(epoch, config, progress, mean_loss, epoch_lr, seconds,
+                               (steps_done - steps_at_epoch_start) / seconds, scores)
+                epoch_losses, epoch_lr = [], None
+                if procs.distributed:
+                    dist.barrier()  # the others wait while rank 0 validates and saves
+                clock = epoch_clock = time.perf_counter()  # validation is not training time
+                steps_at_epoch_start = steps_done
+            stop, due = _agree([float(signals.requested or 0),
+                                float(time.perf_counter() - last_save >= 60 * config.checkpoint_every_minutes)],
+                               procs, "max")
+            if stop and not finished:
+                interrupted = True
+                break
+            if due and not finished:
+                if procs.rank == 0:
+                    save("checkpoint_latest.pth")
+                last_save = time.perf_counter()
+
+    if interrupted:
+        path = fold_dir / "checkpoint_latest.pth"
         if procs.rank == 0:
-            _log_epoch(epoch, config, progress, mean_loss, lr, time.perf_counter() - epoch_start, scores)
-            if (epoch + 1) % config.save_every_epochs == 0 and not last:
-                save("checkpoint_latest.pth")
+            save("checkpoint_latest.pth")
         if procs.distributed:
-            dist.barrier()  # the others wait while rank 0 validates and saves
-        if last:
-            break
+            dist.barrier()
+        raise Interrupted(path, steps_done, int(stop))
 
     digests = [parameter_digest(network)]
     if procs.distributed:
         digests = [None] * procs.world
         dist.all_gather_object(digests, parameter_digest(network))
-    path = fold_dir / "checkpoint_final.pth"
     if procs.rank == 0:
         history["parameter_digests_per_rank"] = digests
         if procs.distributed and len(set(digests)) != 1:
             log.error("torchrun ranks ended with different parameters: %s", digests)
         save("checkpoint_latest.pth")
         save("checkpoint_final.pth")
-        log.info("%d epochs in %.1f min; wrote %s", epoch + 1 - first_epoch, (time.perf_counter() - start) / 60, path)
+        log.info("%d steps (%d epochs) in %.1f min of training; wrote %s", steps_done, steps_done // per_epoch,
+                 training_seconds / 60, final)
     if procs.distributed:
         dist.barrier()
-    return path
+    return final
