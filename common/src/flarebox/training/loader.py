@@ -12,6 +12,7 @@ inline. On CUDA the batches arrive in pinned memory for an asynchronous copy.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -73,9 +74,13 @@ class _Steps(torch.utils.data.Dataset):
         return make_batch(self.recipe, step)
 
 
-def _one_thread(_: int) -> None:
+def _worker_init(_: int) -> None:
     # a worker shares the cores with the step: one thread each keeps them from fighting
     torch.set_num_threads(1)
+    # a signal to the whole process group (Ctrl-C, a group kill) is for the main process to handle:
+    # it saves the step it reached, then ends the workers itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def batches(recipe: BatchRecipe, start_step: int, stop_step: int, *, workers: int = 1,
@@ -86,6 +91,6 @@ def batches(recipe: BatchRecipe, start_step: int, stop_step: int, *, workers: in
         return (make_batch(recipe, step) for step in steps)
     loader = torch.utils.data.DataLoader(
         _Steps(recipe), batch_size=None, sampler=steps, num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=prefetch, worker_init_fn=_one_thread, multiprocessing_context="fork",
+        prefetch_factor=prefetch, worker_init_fn=_worker_init, multiprocessing_context="fork",
         collate_fn=lambda b: b)
     return iter(loader)
