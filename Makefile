@@ -126,13 +126,11 @@ save-all:
 	  ls -la dist/$$t/$(TEAM).tar.gz; done
 
 # ---- Demo weights: phantoms -> small networks of the published topologies -> OpenVINO -> scores --------
-DEMO_MINUTES ?= 20
-# Task 2's bundled model: 20 minutes found liver and stomach only, 60 found spleen and IVC too
-TASK2_DEMO_MINUTES ?= 60
-# cap per training (48 epochs end it first on an idle CPU): Task 3's demo trains four models
-TASK3_DEMO_MINUTES ?= 10
+# Each command keeps its phantoms, cache and checkpoints in .cache/demo/<task>: interrupted (Ctrl-C,
+# a killed process, a session's end), the same command goes on from the last checkpoint. Durations
+# on a 2-core CPU are in docs/training.md.
 demo-weights: venv
-	$(PY) -m flarebox.training.demo --task task2 --out task2_cpu_organs/weights/model --minutes $(TASK2_DEMO_MINUTES)
-	$(PY) -m flarebox.training.demo --task task1 --out task1_pancancer/weights/model --minutes $(DEMO_MINUTES)
+	$(PY) -m flarebox.training.demo --task task2 --out task2_cpu_organs/weights/model --work .cache/demo/task2 --train-cases 60
+	$(PY) -m flarebox.training.demo --task task1 --out task1_pancancer/weights/model --work .cache/demo/task1
 	$(PY) -m flarebox.training.transfer_demo --out task3_mri_transfer/weights/model \
-	    --mind-out task3_mri_transfer/weights/mind_model --work .cache/task3-demo --minutes $(TASK3_DEMO_MINUTES)
+	    --mind-out task3_mri_transfer/weights/mind_model --work .cache/demo/task3

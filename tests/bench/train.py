@@ -48,7 +48,7 @@ def model_folder(spec, label_set: str, folder: Path) -> Path:
 
 
 def bare_steps_per_s(model_dir: Path, batch: int, patch: tuple[int, int, int], steps: int, *, threads: int,
-                     channels_last: bool = False, bf16: bool = False) -> float:
+                     device: str = "cpu", channels_last: bool = False, amp: torch.dtype | None = None) -> float:
     from flarebox.models import build_network, load_plan
     from flarebox.training.loss import deep_supervision_loss
     from flarebox.training.trainer import he_init
@@ -59,19 +59,33 @@ def bare_steps_per_s(model_dir: Path, batch: int, patch: tuple[int, int, int], s
     network = build_network(plan, deep_supervision=True)
     network.apply(he_init)
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-    network.to(memory_format=layout).train()
+    network.to(device, memory_format=layout).train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
-    x = torch.randn(batch, 1, *patch).to(memory_format=layout)
-    y = torch.randint(0, plan.num_classes, (batch, *patch))
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    x = torch.randn(batch, 1, *patch, device=device).to(memory_format=layout)
+    y = torch.randint(0, plan.num_classes, (batch, *patch), device=device)
     for i in range(BARE_WARMUP + steps):
         if i == BARE_WARMUP:
+            synchronize(device)
             start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
             outputs = network(x)
-        deep_supervision_loss(outputs, y).backward()
-        optimizer.step()
+        loss = deep_supervision_loss(outputs, y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+    synchronize(device)
     return steps / (time.perf_counter() - start)
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def trainer_steps_per_s(spec, settings: dict, label_set: str, work: Path, steps: int, **changes) -> float:
@@ -84,7 +98,7 @@ def trainer_steps_per_s(spec, settings: dict, label_set: str, work: Path, steps:
         write_dataset(raw, 4, 0, label_set=label_set, spacing_zyx_mm=spec.spacing_zyx_mm)
     torch.set_num_threads(changes.pop("threads", torch.get_num_threads()))
     config = replace(TrainConfig(), **{**settings, "epochs": 3, "iterations_per_epoch": steps, "validation_cases": 0,
-                                       "device": "cpu", **changes})
+                                       **changes})
     model = work / f"model_{time.monotonic_ns()}"
     path = train(raw, model, config, network_spec=spec, cache_dir=work / "cache", resume=False)
     history = torch.load(path, weights_only=False)["logging"]
@@ -100,12 +114,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", nargs="+", default=["task2", "task1", "task3"])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per row (trainer: two epochs of them)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     args = parser.parse_args()
     from flarebox.training.demo import cpu_description
     from flarebox.training.trainer import cpu_has_native_bf16
 
     threads = torch.get_num_threads()
     print(f"CPU: {cpu_description()}; torch {torch.__version__}, {threads} threads", flush=True)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        print(f"GPU: {torch.cuda.get_device_name()}", flush=True)
+    dev = {"device": args.device}
     all_networks = networks()
     for name in args.networks:
         spec, settings = all_networks[name]
@@ -115,27 +134,33 @@ def main() -> None:
             work = Path(tmp)
             model = model_folder(spec, label_set, work / "plain")
             print(f"\n{name}: {'x'.join(map(str, patch))} patch at {spec.spacing_zyx_mm} mm, batch {batch}", flush=True)
-            bare = bare_steps_per_s(model, batch, patch, args.steps, threads=threads)
-            row(f"bare torch loop (f32, contiguous, {threads} threads)", bare, bare)
-            bare_cl = bare_steps_per_s(model, batch, patch, args.steps, threads=threads, channels_last=True)
+            bare = bare_steps_per_s(model, batch, patch, args.steps, threads=threads, **dev)
+            row(f"bare torch loop (f32, contiguous, {threads} threads, {args.device})", bare, bare)
+            bare_cl = bare_steps_per_s(model, batch, patch, args.steps, threads=threads, channels_last=True, **dev)
             row("  lever: channels-last-3d", bare_cl, bare)
-            if threads > 1:
+            if threads > 1 and not cuda:
                 row("  lever: 1 thread", bare_steps_per_s(model, batch, patch, args.steps, threads=1), bare)
-            native = "native" if cpu_has_native_bf16() else "no native bf16 on this CPU: emulated"
-            row(f"  lever: bf16 autocast ({native})",
-                bare_steps_per_s(model, batch, patch, max(2, args.steps // 2), threads=threads, bf16=True), bare)
+            if cuda:
+                for dtype in (torch.float16, torch.bfloat16):
+                    row(f"  lever: {dtype} autocast", bare_steps_per_s(model, batch, patch, args.steps,
+                                                                      threads=threads, amp=dtype, **dev), bare)
+            else:
+                native = "native" if cpu_has_native_bf16() else "no native bf16 on this CPU: emulated"
+                row(f"  lever: bf16 autocast ({native})", bare_steps_per_s(
+                    model, batch, patch, max(2, args.steps // 2), threads=threads, amp=torch.bfloat16), bare)
             for other in OTHER_PATCHES.get(name, ()):
                 other_model = model_folder(dataclasses.replace(spec, patch_zyx=other), label_set,
                                            work / f"plain_{'x'.join(map(str, other))}")
                 row(f"  grid: patch {'x'.join(map(str, other))} instead (bare)",
-                    bare_steps_per_s(other_model, batch, other, args.steps, threads=threads), bare)
-            trainer = trainer_steps_per_s(spec, settings, label_set, work, args.steps)
-            row("our trainer (channels-last, 1 data worker, augmentation on)", trainer, bare)
+                    bare_steps_per_s(other_model, batch, other, args.steps, threads=threads, **dev), bare)
+            trainer = trainer_steps_per_s(spec, settings, label_set, work, args.steps, **dev)
+            row("our trainer (channels-last, 1 data worker, augmentation on" + (", fp16" if cuda else "") + ")",
+                trainer, bare)
             print(f"  {'':58s} {trainer / bare_cl:5.2f}x the bare loop in channels-last", flush=True)
             row("  trainer, batches made inline (0 workers)",
-                trainer_steps_per_s(spec, settings, label_set, work, args.steps, data_workers=0), bare)
+                trainer_steps_per_s(spec, settings, label_set, work, args.steps, data_workers=0, **dev), bare)
             row("  trainer, contiguous layout",
-                trainer_steps_per_s(spec, settings, label_set, work, args.steps, channels_last=False), bare)
+                trainer_steps_per_s(spec, settings, label_set, work, args.steps, channels_last=False, **dev), bare)
 
 
 if __name__ == "__main__":

@@ -296,6 +296,9 @@ class Pipeline:
         from flarebox.training.checkpoint import strip_optimizer
         from flarebox.training.trainer import train
 
+        final = model_dir / "fold_0" / "checkpoint_final.pth"
+        if final.is_file() and not (final.parent / "checkpoint_latest.pth").is_file():
+            return final  # trained and stripped before an interruption kept this step from being marked done
         final = train(dataset, model_dir, config, network_spec=spec, cache_dir=self.work / "cache")
         for extra in ("checkpoint_latest.pth", "checkpoint_best.pth"):
             (final.parent / extra).unlink(missing_ok=True)

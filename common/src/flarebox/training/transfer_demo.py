@@ -48,6 +48,7 @@ DEMO_NETWORK = NetworkSpec(
     kernel_sizes_zyx=((1, 3, 3),) + ((3, 3, 3),) * 5, blocks_per_stage=(2,) * 6,
     spacing_zyx_mm=(4.0, 3.5, 3.5), patch_zyx=(32, 64, 64), normalization="ZScoreNormalization")
 SEQUENCES = ("t1", "t2")
+DEMO_EPOCHS = 80  # x 25 steps, for each of the four trainings
 SHIPPED = ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth")
 
 
@@ -154,7 +155,8 @@ def markdown(scores: dict) -> str:
               "Time per step: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in scores["step_seconds"].items())
               + ". Epochs trained: " + ", ".join(f"{k} {v}" for k, v in scores.get("trained_epochs", {}).items())
               + f"; {t['config']['epochs']} epochs x {t['config']['iterations_per_epoch']} steps (batch "
-              f"{t['config']['batch_size']}) or {t['minutes_limit']:g} min per training, whichever came first, on "
+              f"{t['config']['batch_size']})" + (f" or {t['minutes_limit']:g} min per training, whichever came first,"
+                                                  if t["minutes_limit"] else "") + " on "
               f"{t['device']}; {t['parameters'] / 1e6:.2f} M parameters per network; network spacing "
               f"{' x '.join(f'{s:g}' for s in DEMO_NETWORK.spacing_zyx_mm)} mm, patch "
               f"{'x'.join(str(p) for p in DEMO_NETWORK.patch_zyx)}.", ""]
@@ -174,8 +176,8 @@ def _copy_model(source: Path, target: Path) -> None:
         shutil.copyfile(source / name, target / name)
 
 
-def run(out: Path, mind_out: Path | None, work: Path, *, minutes: float, n_ct: int, n_mri: int, n_held_out: int,
-        seed: int, min_organs: int, min_selected: int, epochs: int = 1000) -> dict:
+def run(out: Path, mind_out: Path | None, work: Path, *, minutes: float | None, n_ct: int, n_mri: int,
+        n_held_out: int, seed: int, min_organs: int, min_selected: int, epochs: int = DEMO_EPOCHS) -> dict:
     start = time.perf_counter()
     ct, mri, truth = work / "ct", work / "mri", work / "mri_truth"
     held_images, held_truth = work / "held_out" / "images", work / "held_out" / "truth"
@@ -186,7 +188,11 @@ def run(out: Path, mind_out: Path | None, work: Path, *, minutes: float, n_ct: i
         (work / "data.done").write_text("phantoms written\n")
     log.info("phantoms ready in %.0fs", time.perf_counter() - start)
 
-    train = replace(TrainConfig(), **{**DEMO_TRAINING, "epochs": epochs}, time_limit_minutes=minutes, seed=seed)
+    # no mirroring: left and right organs differ only by their side
+    changes = {**DEMO_TRAINING, "epochs": epochs, "mirror_axes": (), "seed": seed}
+    if minutes is not None:
+        changes["time_limit_minutes"] = minutes
+    train = replace(TrainConfig(), **changes)
     config = TransferConfig(train=train, network=DEMO_NETWORK, min_organs=min_organs, min_selected=min_selected,
                             device="cpu")
     final = run_pipeline(ct, mri, work / "pipeline", config, truth)
@@ -249,11 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the final model (Task 3's weights/model)")
     parser.add_argument("--mind-out", help="folder for the MIND model (Task 3's weights/mind_model)")
     parser.add_argument("--work", required=True, help="phantoms, pipeline steps and caches (rerun to resume)")
-    parser.add_argument("--minutes", type=float, default=10, help="time limit of each of the four trainings")
-    parser.add_argument("--epochs", type=int, default=48,
-                        help="epochs of 25 steps per training, unless the time limit ends it first: a step count "
-                             "makes the four models comparable on a machine whose load changes (shared cores ran "
-                             "one step in 0.4 s idle, 4 s busy)")
+    parser.add_argument("--minutes", type=float,
+                        help="training time of each of the four trainings instead of --epochs (the schedule then "
+                             "runs on time; a step count keeps the models comparable on a machine whose load changes)")
+    parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="epochs of 25 steps per training")
     parser.add_argument("--ct-cases", type=int, default=20)
     parser.add_argument("--mri-patients", type=int, default=10, help="each gives a T1 and a T2")
     parser.add_argument("--held-out", type=int, default=5, help="held-out patients (T1 + T2 each)")
@@ -263,9 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    run(Path(args.out).resolve(), Path(args.mind_out).resolve() if args.mind_out else None, Path(args.work),
-        minutes=args.minutes, n_ct=args.ct_cases, n_mri=args.mri_patients, n_held_out=args.held_out, seed=args.seed,
-        min_organs=args.min_organs, min_selected=args.min_selected, epochs=args.epochs)
+    from flarebox.training.trainer import Interrupted
+
+    try:
+        run(Path(args.out).resolve(), Path(args.mind_out).resolve() if args.mind_out else None, Path(args.work),
+            minutes=args.minutes, n_ct=args.ct_cases, n_mri=args.mri_patients, n_held_out=args.held_out,
+            seed=args.seed, min_organs=args.min_organs, min_selected=args.min_selected, epochs=args.epochs)
+    except Interrupted as stopped:
+        log.warning("%s", stopped)
+        return 128 + stopped.signum
     return 0
 
 
