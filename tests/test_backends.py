@@ -128,5 +128,12 @@ def test_openvino_recompiles_for_a_fitted_patch(tiny_plan, real_ct_preprocessed,
     torch_backend = load_backend(tiny_plan, backend="torch").for_patch(small)
     ours, reference = fitted.predict(tile), torch_backend.predict(tile)
     assert ours.shape == (1, tiny_plan.num_classes, *small)
-    tolerance = 1e-3 if precision == "f32" else 0.3  # int8: quantisation error, as for the full patch
-    assert np.abs(ours - reference).max() <= tolerance * np.abs(reference).max()
+    if precision == "f32":
+        assert np.abs(ours - reference).max() <= 1e-3 * np.abs(reference).max()
+    else:
+        # INT8's largest error depends on the CPU's kernel (with VNNI 30 % of the largest logit, without
+        # it 106 % on these random weights); that the reshaped IR runs the same weights shows in how its
+        # logits follow torch's (correlation 0.87 on an AVX2-only CPU; other weights would give about 0)
+        r = float(np.corrcoef(ours.ravel(), reference.ravel())[0, 1])
+        print(f"\nint8 fitted tile against torch: correlation {r:.4f}")
+        assert r >= 0.7

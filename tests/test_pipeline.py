@@ -152,6 +152,116 @@ def test_cli_bad_config_fails_at_start(tmp_path):
     assert "[inference] precision" in result.stderr and "\n" not in result.stderr.strip()
 
 
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda t: t / "nowhere", "no such input folder"),
+    (lambda t: (t / "a_file").write_text("x") and t / "a_file", "not a folder"),
+])
+def test_cli_unusable_input_folder_is_one_line_before_anything_loads(tmp_path, make, expected):
+    result = subprocess.run([sys.executable, "-m", "flarebox", "predict", "-i", str(make(tmp_path)), "-o",
+                             str(tmp_path / "out"), "--model", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2 and expected in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda t: (t / "taken").write_text("x") and t / "taken", "the output path is a file"),
+    (lambda t: (t / "file").write_text("x") and t / "file" / "out", "cannot write the output folder"),
+    (lambda t: Path("/proc/flarebox-out"), "cannot write the output folder"),  # a read-only file system
+])
+def test_cli_unusable_output_folder_is_one_line_before_any_case(tiny_model_dir, tmp_path, make, expected):
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    write_image(in_dir / "x_0000.nii.gz", ct_like((12, 40, 36)), spacing_xyz=(2, 2, 3))
+    result = subprocess.run([sys.executable, "-m", "flarebox", "predict", "-i", str(in_dir), "-o",
+                             str(make(tmp_path)), "--model", str(tiny_model_dir)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "[1/1]" not in result.stdout
+
+
+def test_a_case_line_comes_as_its_file_is_written_not_after_the_next_case(predictor, tmp_path, caplog):
+    """The second case's segmentation waits until the first case's line is logged: with the line
+    held back until the next case is done (as before), this run would never end."""
+    import threading
+    import time
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    for seed, case in enumerate("ab"):
+        write_image(in_dir / f"{case}_0000.nii.gz", ct_like((12, 40, 36), seed=seed), spacing_xyz=(2, 2, 3))
+    caplog.set_level("INFO", logger="flarebox")
+    calls = []
+    logged_first = threading.Event()
+
+    class Waiting:
+        config = predictor.config
+
+        def labels(self, volume, timings):
+            calls.append(volume)
+            if len(calls) == 2:
+                deadline = time.monotonic() + 60
+                while not any(r.getMessage().startswith("[1/2] a:") for r in caplog.records):
+                    assert time.monotonic() < deadline, "the first case's line never came"
+                    time.sleep(0.01)
+                logged_first.set()
+            return predictor.labels(volume, timings)
+
+    waiting = Waiting()
+    assert run_folder(lambda: waiting, in_dir, out_dir) == 0
+    assert logged_first.is_set() and sorted(os.listdir(out_dir)) == ["a.nii.gz", "b.nii.gz"]
+
+
+def _predict_command(tiny_model_dir: Path, in_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "flarebox", "predict", "-i", str(in_dir), "-o", str(out_dir), "--model",
+            str(tiny_model_dir), "--precision", "f32", *extra]
+
+
+@pytest.mark.parametrize("kill", ["SIGTERM", "SIGINT", "SIGKILL"])
+def test_killed_at_random_points_only_complete_outputs_and_continue_completes(tiny_model_dir, tmp_path, kill):
+    """Kill `flarebox predict` at random moments: the folder holds only complete outputs (each equal to
+    an uninterrupted run's), never a file the organisers would score half-written; SIGTERM and SIGINT
+    exit 143/130 and leave no temporary file. `--continue` then completes the missing cases."""
+    import signal
+    import time
+
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    for seed in range(10):
+        write_image(in_dir / f"c{seed}_0000.nii.gz", ct_like((30, 96, 96), seed=seed), spacing_xyz=(3, 3, 3))
+    reference = tmp_path / "reference"
+    start = time.monotonic()
+    subprocess.run(_predict_command(tiny_model_dir, in_dir, reference), check=True, capture_output=True, timeout=600)
+    whole = time.monotonic() - start
+    expected = {p.name: p.read_bytes() for p in reference.iterdir()}
+    rng = np.random.default_rng(list(signal.Signals.__members__).index(kill))
+    out_dir = tmp_path / "out"
+    for attempt in range(2):
+        process = subprocess.Popen(_predict_command(tiny_model_dir, in_dir, out_dir, "--continue"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(float(rng.uniform(0.3, 0.7)) * whole)  # mostly after the imports, among the cases
+        process.send_signal(getattr(signal, kill))
+        output = process.communicate(timeout=300)[0]
+        if attempt == 0:  # the first one stopped it midway
+            assert process.returncode != 0 and len(list(out_dir.glob("*.nii.gz"))) < len(expected)
+        if process.returncode == 0:
+            break  # it finished before the signal
+        if kill != "SIGKILL":
+            assert process.returncode == 128 + getattr(signal, kill), output[-2000:]
+            assert "Traceback" not in output and "rerun to complete them" in output
+            assert not [p for p in os.listdir(out_dir) if not p.endswith(".nii.gz")]  # no temporary file left
+        written = [p for p in os.listdir(out_dir) if not p.startswith(".")]
+        assert all(p.endswith(".nii.gz") for p in os.listdir(out_dir) if not p.startswith("."))
+        for name in written:  # complete, and the same as in one run
+            assert (out_dir / name).read_bytes() == expected[name], name
+    result = subprocess.run(_predict_command(tiny_model_dir, in_dir, out_dir, "--continue"), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert sorted(os.listdir(out_dir)) == sorted(expected)  # every case, and no leftover of a killed write
+    for name, data in expected.items():
+        assert (out_dir / name).read_bytes() == data
+
+
 def test_task2_predict_sh_runs_with_make(tiny_model_dir, tmp_path):
     """`make predict` runs the task's own predict.sh (dash) on a copy of the task folder."""
     task = tmp_path / "task2_cpu_organs"

@@ -18,7 +18,7 @@ from flarebox.errors import ConfigError
 
 def _predict(args: argparse.Namespace) -> int:
     from flarebox.config import from_dict, load_config
-    from flarebox.pipeline import Predictor, run_folder
+    from flarebox.pipeline import Predictor, Stopped, check_folders, run_folder, stop_on_signals
 
     overrides = {
         "model.folder": args.model,
@@ -51,7 +51,12 @@ def _predict(args: argparse.Namespace) -> int:
                  inf.step_size, config.export.mode, time.perf_counter() - start)
         return predictor
 
-    failures = run_folder(load, Path(args.input), Path(args.output))
+    check_folders(Path(args.input), Path(args.output))  # before the model loads: one line, no traceback
+    try:
+        with stop_on_signals():
+            failures = run_folder(load, Path(args.input), Path(args.output), skip_existing=args.resume)
+    except Stopped as stopped:
+        return 128 + stopped.signum
     return 1 if failures else 0
 
 
@@ -95,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mirroring", action="store_true", default=None, help="test-time mirroring (8x slower)")
     p.add_argument("--threads", type=int, help="inference threads (0 = all)")
     p.add_argument("--export-mode", choices=("labels", "logits"), help="how to return to the input grid")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="leave out cases whose output exists (a rerun after an interruption)")
     p.set_defaults(run=_predict)
 
     w = sub.add_parser("warmup", help="compile the configured model (fills the OpenVINO cache) and run one tile")

@@ -11,9 +11,13 @@ models load.
 from __future__ import annotations
 
 import logging
+import signal
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,8 +250,93 @@ class Predictor:
         return Labels(labels)
 
 
-def _write(case: io.Case, labels: Labels, geometry: io.Geometry, output_dir: Path, level: int) -> None:
-    io.write_labels(output_dir / f"{case.case_id}.nii.gz", labels.slabs(), geometry, level)
+class Stopped(BaseException):  # noqa: N818 -- not an error: the process was asked to stop
+    """SIGTERM or SIGINT arrived; raised in the main thread between two of its bytecodes. A
+    BaseException, so that no per-case `except Exception` mistakes it for one bad case."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM (docker stop, a time limit) and SIGINT raise Stopped in the main thread while active.
+    Python's default leaves SIGTERM to kill the process, and a process that is PID 1 in a container
+    ignores it altogether until docker's SIGKILL."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def check_folders(input_dir: Path, output_dir: Path) -> None:
+    """Fail before any case is read, with one line: no input folder, or an output folder that cannot
+    be made or written (found by writing a probe file, which also catches read-only mounts)."""
+    if not input_dir.is_dir():
+        raise ConfigError(f"{input_dir}: " + ("not a folder" if input_dir.exists() else "no such input folder"))
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"{output_dir}: the output path is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".flarebox-probe.", suffix=io.PARTIAL_SUFFIX):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{output_dir}: cannot write the output folder: {error.strerror or error}") from error
+
+
+@dataclass
+class _Tally:
+    """Cases done and failed; the writer thread reports into it too."""
+
+    total: int
+    failures: int = 0
+    written: int = 0
+    skipped: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def failed(self, case: io.Case, error: BaseException) -> None:
+        with self.lock:
+            self.failures += 1
+        if isinstance(error, CaseError):
+            log.error("%s: %s", case.path.name, error.reason)
+        else:  # one broken case must not stop the others
+            log.error("%s: failed: %s: %s", case.path.name, type(error).__name__, error)
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A case whose labels are ready, on its way to disk in the writer thread."""
+
+    case: io.Case
+    index: int
+    labels: Labels
+    geometry: io.Geometry
+    timings: Timings
+
+    def write(self, output_dir: Path, level: int, tally: _Tally,
+              on_case: Callable[[io.Case, Timings], None] | None) -> None:
+        """Write, then log the case's line at once (not when the next case is done)."""
+        try:
+            with self.timings.stage("write" if self.labels.bbox is None else "export+write"):
+                io.write_labels(output_dir / f"{self.case.case_id}.nii.gz", self.labels.slabs(), self.geometry, level)
+        except Exception as error:
+            tally.failed(self.case, error)
+            return
+        with tally.lock:
+            tally.written += 1
+        log.info("[%d/%d] %s: %s", self.index, tally.total, self.case.case_id, self.timings.line())
+        if on_case is not None:
+            on_case(self.case, self.timings)
 
 
 def _read_ahead(pool: ThreadPoolExecutor, cases: list[io.Case], first: Future | None
@@ -261,54 +350,53 @@ def _read_ahead(pool: ThreadPoolExecutor, cases: list[io.Case], first: Future | 
         yield case, current
 
 
+def _finish(writer: ThreadPoolExecutor, reader: ThreadPoolExecutor) -> None:
+    """Let the write in flight end (even through further signals: a killed write leaves a temporary
+    file behind) and drop the reads not started."""
+    for pool, cancel in ((writer, False), (reader, True)):
+        while True:
+            try:
+                pool.shutdown(wait=True, cancel_futures=cancel)
+                break
+            except Stopped:
+                continue
+
+
 def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, output_dir: Path,
-               on_case: Callable[[io.Case, Timings], None] | None = None) -> int:
+               on_case: Callable[[io.Case, Timings], None] | None = None, *, skip_existing: bool = False) -> int:
     """Segment every case of a FLARE input folder; returns the number of failed inputs.
 
     predictor: a Predictor, or a function that builds one: the first case is then read while it runs.
-    on_case: called with each written case and its timings.
-    Per case, 'read' and 'write' in the log are the time the case waited for them (its read
-    started during the previous case; its write ends during the next one); 'export+write' where the
-    export back to the input's grid is streamed into the write (`Predictor.labels`). A case's line
-    comes when its file is written."""
+    on_case: called with each written case and its timings (in the writer thread).
+    skip_existing: leave out cases whose output is already there (a rerun after an interruption).
+    Raises ConfigError, before any case is read, when the folders are unusable, and Stopped when
+    SIGTERM or SIGINT arrives (while `stop_on_signals` is active): the write in flight is completed,
+    no case is left half-written, and the cases not done are simply missing.
+    Per case, 'read' in the log is the time the case waited for its read (which started during the
+    previous case), 'write' the writer thread's time; 'export+write' where the export back to the
+    input's grid is streamed into the write (`Predictor.labels`). A case's line comes when its file
+    is written."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
+    check_folders(input_dir, output_dir)
     cases, rejected = io.discover(input_dir)
     for error in rejected:
         log.error("%s: %s", Path(str(error.path)).name, error.reason)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    failures = len(rejected)
+    io.remove_partial_outputs(output_dir, [c.case_id for c in cases])
+    done = [c for c in cases if skip_existing and (output_dir / f"{c.case_id}.nii.gz").is_file()]
+    if done:
+        log.info("%d case(s) already have an output: left as they are", len(done))
+        cases = [c for c in cases if c not in done]
+    tally = _Tally(total=len(cases), failures=len(rejected), skipped=len(done))
     start = time.perf_counter()
-
-    def failed(case: io.Case, error: BaseException) -> None:
-        nonlocal failures
-        failures += 1
-        if isinstance(error, CaseError):
-            log.error("%s: %s", case.path.name, error.reason)
-        else:  # one broken case must not stop the others
-            log.error("%s: failed: %s: %s", case.path.name, type(error).__name__, error)
-
-    with ThreadPoolExecutor(1, "flarebox-read") as reader, ThreadPoolExecutor(1, "flarebox-write") as writer:
+    reader, writer = ThreadPoolExecutor(1, "flarebox-read"), ThreadPoolExecutor(1, "flarebox-write")
+    stopped: Stopped | None = None
+    try:
         first = reader.submit(io.read_case, cases[0]) if cases else None  # now, not when iterated
         if not isinstance(predictor, Predictor):
             predictor = predictor()
+        level = predictor.config.export.compression_level
         io.itk()  # imported here, while the first case inflates, not after it in the reader
-        writing: tuple[io.Case, Future, Timings, int, str] | None = None
-
-        def finish() -> None:  # wait for the last write, then log its case
-            if writing is None:
-                return
-            case, future, timings, index, stage = writing
-            try:
-                waited = time.perf_counter()
-                future.result()
-                timings.stages[stage] = time.perf_counter() - waited
-            except Exception as error:
-                failed(case, error)
-                return
-            log.info("[%d/%d] %s: %s", index, len(cases), case.case_id, timings.line())
-            if on_case is not None:
-                on_case(case, timings)
-
+        writing: Future | None = None
         for index, (case, pending) in enumerate(_read_ahead(reader, cases, first), start=1):
             timings = Timings()
             try:
@@ -316,14 +404,21 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
                     volume = pending.result()
                 labels = predictor.labels(volume, timings)
             except Exception as error:
-                failed(case, error)
+                tally.failed(case, error)
                 continue
-            finish()
-            future = writer.submit(_write, case, labels, volume.geometry, output_dir,
-                                   predictor.config.export.compression_level)
-            writing = (case, future, timings, index, "write" if labels.bbox is None else "export+write")
+            if writing is not None:
+                writing.result()  # one case's labels waiting at most: memory stays bounded
+            writing = writer.submit(_Written(case, index, labels, volume.geometry, timings).write, output_dir,
+                                    level, tally, on_case)
             del volume, labels
-        finish()
-    log.info("%d case(s) written, %d failed, %.1fs in all", len(cases) - (failures - len(rejected)), failures,
+    except Stopped as signalled:
+        stopped = signalled
+        raise
+    finally:
+        _finish(writer, reader)
+        if stopped is not None:
+            log.warning("stopped by signal %d: %d of %d case(s) written, the others not started or not finished; "
+                        "rerun to complete them", stopped.signum, tally.written, tally.total)
+    log.info("%d case(s) written, %d failed, %.1fs in all", tally.written, tally.failures,
              time.perf_counter() - start)
-    return failures
+    return tally.failures
