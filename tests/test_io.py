@@ -70,6 +70,17 @@ def test_read_rejects_truncated_2d_4d_and_nan(tmp_path):
         assert reason in info.value.reason, (path, info.value.reason)
 
 
+@pytest.mark.parametrize("spacing", [(0.001, 1.0, 1.0), (60.0, 60.0, 60.0), (0.8, 0.8, 25.0)])
+def test_absurd_spacing_is_one_clear_line(tmp_path, spacing):
+    image = sitk.GetImageFromArray(np.zeros((8, 9, 10), np.int16))
+    image.SetSpacing(spacing)
+    path = tmp_path / "x_0000.nii.gz"
+    sitk.WriteImage(image, str(path))
+    with pytest.raises(CaseError, match="outside any scanner's range") as info:
+        io.read_image(path)
+    assert "\n" not in info.value.reason
+
+
 def test_write_labels_is_atomic_and_exact(tmp_path):
     volume = io.read_image(write_image(tmp_path / "in_0000.nii.gz", np.zeros((3, 4, 5)), spacing_xyz=(1, 2, 3)))
     labels = np.random.default_rng(1).integers(0, 14, size=(3, 4, 5)).astype(np.uint8)

@@ -82,6 +82,9 @@ def discover(input_dir: Path) -> tuple[list[Case], list[CaseError]]:
     return cases, rejected
 
 
+# Voxel sizes a CT or MRI scanner writes: anything outside is a broken header, and resampling it to
+# the model's grid would be absurd (64 voxels of 60 mm make 1536 of 2.5 mm, 14 GB in float32)
+SPACING_RANGE_MM = (0.1, 20.0)
 FLOAT_DATATYPES = {16, 64, 1536}  # NIfTI float32, float64, float128
 # NIfTI datatypes read straight into NumPy, as the types ITK would give them; other files go through ITK.
 _DIRECT_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4"}
@@ -274,6 +277,11 @@ def _geometry(path: Path, source: sitk.Image | sitk.ImageFileReader, components:
         raise CaseError(path, f"{components} components per voxel: expected 1")
     if min(source.GetSize()) < 2:
         raise CaseError(path, f"image of size {source.GetSize()} is flat: expected a 3D volume")
+    spacing = source.GetSpacing()
+    if not all(SPACING_RANGE_MM[0] <= s <= SPACING_RANGE_MM[1] for s in spacing):
+        low, high = SPACING_RANGE_MM
+        raise CaseError(path, f"voxel spacing {' x '.join(f'{s:g}' for s in spacing)} mm is outside any "
+                              f"scanner's range ({low:g} to {high:g} mm): a broken header")
     return Geometry(
         spacing_xyz_mm=tuple(source.GetSpacing()),
         origin_xyz_mm=tuple(source.GetOrigin()),
