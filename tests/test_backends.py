@@ -59,23 +59,30 @@ def task2_demo():
     return plan, data, predict_logits(data, load_backend(plan, backend="torch"))
 
 
-# measured with the demo model of 2026-11-23 (four organs found): f32 100.00 %, bf16 99.96 %, int8 99.08 %
-# of voxels (99.50 % with the earlier two-organ model); int8's largest difference 9.6 % of the largest logit
-@pytest.mark.parametrize(("precision", "max_relative", "min_agreement"),
-                         [("f32", 1e-3, 0.9999), ("bf16", 0.05, 0.999), ("int8", 0.25, 0.985)])
-def test_trained_model_precisions_against_torch(task2_demo, precision, max_relative, min_agreement,
+# Bounds from accuracy, not from one CPU's kernel: INT8's largest logit error is 9.6 % of the largest
+# logit with VNNI and 37 % without it, while the labels hardly move. Labels are compared as Dice per
+# organ the torch f32 run finds; f32 and bf16 (f32 where the CPU has no native bf16) keep a logit bound.
+@pytest.mark.parametrize(("precision", "max_relative", "min_agreement", "min_organ_dice"),
+                         [("f32", 1e-3, 0.9999, 0.999), ("bf16", 0.05, 0.999, 0.98), ("int8", None, 0.98, 0.85)])
+def test_trained_model_precisions_against_torch(task2_demo, precision, max_relative, min_agreement, min_organ_dice,
                                                 record_property):
     plan, data, reference = task2_demo
     logits = predict_logits(data, load_backend(plan, backend="openvino", precision=precision))
     relative = float(np.abs(logits - reference).max() / np.abs(reference).max())
     labels, ref_labels = logits.argmax(0), reference.argmax(0)
     agreement = float(np.mean(labels == ref_labels))
-    foreground = float(np.mean(labels[ref_labels > 0] == ref_labels[ref_labels > 0]))
+    dice = {k: 2 * float(np.sum((labels == k) & (ref_labels == k))) / float(np.sum(labels == k)
+                                                                              + np.sum(ref_labels == k))
+            for k in np.unique(ref_labels) if k > 0}
     record_property(f"{precision}_label_agreement", agreement)
     print(f"\nOpenVINO {precision} vs torch f32 (Task 2 demo model, real CT): max |diff| {100 * relative:.3f}% of "
-          f"max |logit|; labels agree on {100 * agreement:.2f}% of voxels, {100 * foreground:.2f}% of foreground")
-    assert relative <= max_relative
+          f"max |logit|; labels agree on {100 * agreement:.2f}% of voxels; Dice per organ min "
+          f"{min(dice.values()):.3f} mean {np.mean(list(dice.values())):.3f} over {len(dice)} organs")
+    assert len(dice) >= 8  # the model finds most organs of the real CT, or the comparison says little
+    if max_relative is not None:
+        assert relative <= max_relative
     assert agreement >= min_agreement
+    assert min(dice.values()) >= min_organ_dice
 
 
 def test_torch_ensemble_averages_folds(tiny_plan, real_ct_preprocessed):

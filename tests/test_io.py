@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +237,44 @@ def test_the_engine_imports_without_simpleitk():
     code = "import sys, flarebox.cli, flarebox.pipeline; print('SimpleITK' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "False"
+
+
+SHEARED = np.array([[0.8, 0.3, 0.0, 10.0], [0.0, 0.8, 0.05, 20.0], [0.0, 0.0, 2.5, 30.0], [0.0, 0.0, 0.0, 1.0]])
+ORTHONORMAL = np.array([[-0.8, 0.0, 0.0, 10.0], [0.0, -0.8, 0.0, 20.0], [0.0, 0.0, 2.5, 30.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def _nifti(path: Path, data_xyz: np.ndarray, sform: np.ndarray | None, qform: np.ndarray | None) -> Path:
+    import nibabel
+
+    image = nibabel.Nifti1Image(data_xyz, None)
+    image.set_sform(sform, code=1 if sform is not None else 0)
+    image.set_qform(qform, code=1 if qform is not None else 0)
+    nibabel.save(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("sform", "qform"), [(SHEARED, None), (SHEARED, ORTHONORMAL), (None, ORTHONORMAL)],
+                         ids=["sheared sform only", "sheared sform and qform", "qform only"])
+def test_sheared_and_qform_only_inputs_are_read_and_labels_keep_the_inputs_affine(tmp_path, sform, qform):
+    """ITK refuses a sheared sform alone and reads the qform instead when there is one; either way
+    the organisers' tools read the sform. The engine works on the nearest orthonormal frame and the
+    labels carry the input's own qform and sform."""
+    import nibabel
+
+    data = np.random.default_rng(0).integers(-1000, 1000, size=(10, 9, 8)).astype(np.int16)  # x, y, z
+    path = _nifti(tmp_path / "x_0000.nii.gz", data, sform, qform)
+    volume = io.read_image(path)
+    np.testing.assert_array_equal(volume.array_zyx, data.transpose(2, 1, 0))
+    direction = np.asarray(volume.geometry.direction).reshape(3, 3)
+    np.testing.assert_allclose(direction @ direction.T, np.eye(3), atol=1e-6)  # orthonormal for the engine
+    assert min(volume.geometry.spacing_xyz_mm) > 0.7
+    labels = (volume.array_zyx > 0).astype(np.uint8)
+    io.write_labels(tmp_path / "x.nii.gz", labels, volume.geometry)
+    source, written = nibabel.load(str(path)), nibabel.load(str(tmp_path / "x.nii.gz"))
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-4)
+    if sform is not None:  # the sheared input's header, exactly: both forms and their codes
+        for key in ("sform_code", "qform_code", "srow_x", "srow_y", "srow_z", "quatern_b", "quatern_c",
+                    "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z", "pixdim"):
+            np.testing.assert_array_equal(written.header[key], source.header[key], err_msg=key)
+    assert written.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), labels.transpose(2, 1, 0))

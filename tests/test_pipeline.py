@@ -57,6 +57,26 @@ def test_output_has_the_input_geometry(predictor, tmp_path, geometry, dtype):
     assert labels.max() < 14
 
 
+def test_a_sheared_input_is_segmented_on_its_own_grid_with_its_own_header(predictor, tmp_path):
+    """A sheared sform (ITK cannot read it) beside a normal case: both written, the sheared one's
+    labels with the input's sform and qform."""
+    import nibabel
+
+    from tests.test_io import ORTHONORMAL, SHEARED, _nifti
+
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    in_dir.mkdir()
+    _nifti(in_dir / "sheared_0000.nii.gz", ct_like((13, 37, 29), seed=2).transpose(2, 1, 0).copy(), SHEARED,
+           ORTHONORMAL)
+    write_image(in_dir / "plain_0000.nii.gz", ct_like((13, 37, 29), seed=3), spacing_xyz=(0.8, 0.8, 2.5))
+    assert run_folder(predictor, in_dir, out_dir) == 0
+    assert sorted(os.listdir(out_dir)) == ["plain.nii.gz", "sheared.nii.gz"]
+    source, written = nibabel.load(str(in_dir / "sheared_0000.nii.gz")), nibabel.load(str(out_dir / "sheared.nii.gz"))
+    assert written.shape == source.shape
+    np.testing.assert_array_equal(written.header.get_sform(), source.header.get_sform())
+    np.testing.assert_array_equal(written.header.get_qform(), source.header.get_qform())
+
+
 def make_bad_folder(folder: Path) -> None:
     folder.mkdir()
     good = write_image(folder / "good_0000.nii.gz", ct_like((12, 40, 36)), spacing_xyz=(2, 2, 3))

@@ -13,7 +13,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -45,6 +45,10 @@ class Geometry:
     origin_xyz_mm: tuple[float, ...]
     direction: tuple[float, ...]
     size_xyz: tuple[int, ...]
+    # A sheared input's own NIfTI-1 header: its grid has no orthonormal direction, so the fields above
+    # are the nearest orthonormal frame (for the engine) and the output copies this header (for the
+    # organisers, whose tools read the input's affine)
+    nifti_header: bytes | None = field(default=None, repr=False)
 
     @property
     def spacing_zyx_mm(self) -> tuple[float, float, float]:
@@ -85,6 +89,7 @@ def discover(input_dir: Path) -> tuple[list[Case], list[CaseError]]:
 # Voxel sizes a CT or MRI scanner writes: anything outside is a broken header, and resampling it to
 # the model's grid would be absurd (64 voxels of 60 mm make 1536 of 2.5 mm, 14 GB in float32)
 SPACING_RANGE_MM = (0.1, 20.0)
+SHEAR_TOLERANCE = 1e-4  # largest |cos| between two sform axes still taken as a right angle
 FLOAT_DATATYPES = {16, 64, 1536}  # NIfTI float32, float64, float128
 # NIfTI datatypes read straight into NumPy, as the types ITK would give them; other files go through ITK.
 _DIRECT_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4"}
@@ -102,6 +107,21 @@ class _Header:
     vox_offset: int
     scl_slope: float
     scl_inter: float
+    raw: bytes = b""  # the first 348 bytes (NIfTI-1 only)
+
+    def sform_zyx(self) -> np.ndarray | None:
+        """The sform's 3 x 4 matrix (RAS, voxel index (i, j, k) -> mm) when sform_code > 0 (NIfTI-1)."""
+        if len(self.raw) < 348 or struct.unpack(self.endian + "h", self.raw[254:256])[0] <= 0:
+            return None
+        return np.array(struct.unpack(self.endian + "12f", self.raw[280:328]), float).reshape(3, 4)
+
+    def sheared(self) -> bool:
+        """An sform whose axes are not at right angles: ITK refuses it, or reads the qform instead."""
+        sform = self.sform_zyx()
+        if sform is None or not np.all(np.isfinite(sform)):
+            return False
+        axes = sform[:, :3] / np.maximum(np.linalg.norm(sform[:, :3], axis=0), 1e-12)
+        return bool(np.abs(axes.T @ axes - np.eye(3)).max() > SHEAR_TOLERANCE)
 
     @property
     def data_offset(self) -> int:
@@ -141,7 +161,8 @@ def _parse_header(header: bytes) -> _Header | None:
         if not 1 <= dims[0] <= 7 or bitpix <= 0:
             return None
         return _Header(endian, sizeof_hdr, tuple(int(d) for d in dims[1 : dims[0] + 1]), int(datatype),
-                       int(bitpix), int(offset), float(slope), float(inter))
+                       int(bitpix), int(offset), float(slope), float(inter),
+                       bytes(header[:348]) if sizeof_hdr == 348 else b"")
     return None
 
 
@@ -198,6 +219,8 @@ def read_image(path: Path) -> Volume:
     Every other file goes through ITK whole."""
     path = Path(path)
     header, isize = _check_nifti_file(path)
+    if header.sheared():
+        return _read_sheared(path, header)
     dtype = header.direct_dtype()
     if dtype is None:
         return _read_with_itk(path, header, isize)
@@ -219,6 +242,35 @@ def read_image(path: Path) -> Volume:
     voxels = np.frombuffer(raw, dtype, count, header.data_offset).reshape(geometry.shape_zyx)
     if dtype.kind == "f" and (bad := voxels.size - np.count_nonzero(np.isfinite(voxels))):
         raise CaseError(path, f"{bad} voxels are NaN or infinite")
+    return Volume(voxels, geometry)
+
+
+def _read_sheared(path: Path, header: _Header) -> Volume:
+    """A grid whose sform is sheared (ITK refuses it, or silently takes the qform): nibabel reads the
+    voxels (scaled as the header says), the engine works on the nearest orthonormal frame (spacing:
+    the sform's column lengths; direction: its polar factor), and the output gets the input's header."""
+    import nibabel
+
+    sform = header.sform_zyx()
+    try:
+        image = nibabel.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except Exception as exc:  # nibabel raises many types for a broken file
+        raise CaseError(path, f"cannot read: truncated or corrupt image data ({exc})") from exc
+    if data.ndim != 3 or min(data.shape) < 2:
+        raise CaseError(path, f"image of shape {data.shape}: expected a 3D volume")
+    if data.dtype.kind == "f" and (bad := data.size - np.count_nonzero(np.isfinite(data))):
+        raise CaseError(path, f"{bad} voxels are NaN or infinite")
+    spacing = np.linalg.norm(sform[:, :3], axis=0)
+    u, _, vt = np.linalg.svd(sform[:, :3] / spacing)
+    lps_from_ras = np.diag([-1.0, -1.0, 1.0])
+    direction, origin = lps_from_ras @ (u @ vt), lps_from_ras @ sform[:, 3]
+    _check_spacing(path, spacing)
+    geometry = Geometry(tuple(float(v) for v in spacing), tuple(float(v) for v in origin),
+                        tuple(float(v) for v in direction.ravel()), tuple(int(n) for n in data.shape),
+                        nifti_header=header.raw)
+    voxels = np.ascontiguousarray(data.transpose(2, 1, 0))
+    voxels.flags.writeable = False
     return Volume(voxels, geometry)
 
 
@@ -277,17 +329,20 @@ def _geometry(path: Path, source: sitk.Image | sitk.ImageFileReader, components:
         raise CaseError(path, f"{components} components per voxel: expected 1")
     if min(source.GetSize()) < 2:
         raise CaseError(path, f"image of size {source.GetSize()} is flat: expected a 3D volume")
-    spacing = source.GetSpacing()
-    if not all(SPACING_RANGE_MM[0] <= s <= SPACING_RANGE_MM[1] for s in spacing):
-        low, high = SPACING_RANGE_MM
-        raise CaseError(path, f"voxel spacing {' x '.join(f'{s:g}' for s in spacing)} mm is outside any "
-                              f"scanner's range ({low:g} to {high:g} mm): a broken header")
+    _check_spacing(path, source.GetSpacing())
     return Geometry(
         spacing_xyz_mm=tuple(source.GetSpacing()),
         origin_xyz_mm=tuple(source.GetOrigin()),
         direction=tuple(source.GetDirection()),
         size_xyz=tuple(source.GetSize()),
     )
+
+
+def _check_spacing(path: Path, spacing_xyz_mm) -> None:
+    low, high = SPACING_RANGE_MM
+    if not all(low <= s <= high for s in spacing_xyz_mm):  # NaN fails too
+        raise CaseError(path, f"voxel spacing {' x '.join(f'{s:g}' for s in spacing_xyz_mm)} mm is outside any "
+                              f"scanner's range ({low:g} to {high:g} mm): a broken header")
 
 
 class _ImageVoxels:
@@ -336,7 +391,8 @@ def write_labels(path: Path, labels_zyx: np.ndarray | Iterable[np.ndarray], geom
     try:
         with os.fdopen(fd, "wb") as fh:
             deflate = isal_zlib.compressobj(compression_level, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS)
-            fh.write(deflate.compress(_label_header(geometry)))
+            header = _label_header(geometry) if geometry.nifti_header is None else _copied_header(geometry)
+            fh.write(deflate.compress(header))
             slices = 0
             for block in blocks:
                 if tuple(block.shape[1:]) != geometry.shape_zyx[1:] or slices + len(block) > geometry.shape_zyx[0]:
@@ -375,6 +431,21 @@ def _label_header(geometry: Geometry) -> bytes:
     struct.pack_into("<2h", header, 252, 1, 1)  # qform_code, sform_code
     struct.pack_into("<6f", header, 256, b, c, d, *origin)
     struct.pack_into("<12f", header, 280, *np.hstack([direction * spacing, origin[:, None]]).ravel())
+    header[344:348] = b"n+1\0"
+    return bytes(header) + bytes(4)
+
+
+def _copied_header(geometry: Geometry) -> bytes:
+    """The input's own NIfTI-1 header (its qform, sform, codes and units unchanged) made that of a
+    uint8 label map: type, scaling, intensity range, data offset."""
+    raw = geometry.nifti_header
+    endian = "<" if struct.unpack("<i", raw[:4])[0] == 348 else ">"
+    header = bytearray(raw)
+    struct.pack_into(endian + "8h", header, 40, 3, *geometry.size_xyz, 1, 1, 1, 1)
+    struct.pack_into(endian + "h", header, 68, 0)  # intent_code: none
+    struct.pack_into(endian + "2h", header, 70, 2, 8)  # datatype uint8, bitpix
+    struct.pack_into(endian + "3f", header, 108, 352.0, 1.0, 0.0)  # vox_offset, scl_slope, scl_inter
+    struct.pack_into(endian + "2f", header, 124, 0.0, 0.0)  # cal_max, cal_min
     header[344:348] = b"n+1\0"
     return bytes(header) + bytes(4)
 
