@@ -13,6 +13,19 @@ from tests.images import ct_like, write_image
 
 # The real CT (../shared/data/real) is bundled as the sample input; its labels stay in shared/.
 REAL_CT = Path(__file__).resolve().parent / "data" / "inputs" / "ts_ct_sm_0000.nii.gz"
+# the tiny network of the training tests, as a TOML [network] table (the CLI's form)
+TINY_NETWORK_TOML = """
+[network]
+features_per_stage = [4, 8, 16]
+strides_zyx = [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
+kernel_sizes_zyx = [[3, 3, 3], [3, 3, 3], [3, 3, 3]]
+blocks_per_stage = [1, 1, 1]
+spacing_zyx_mm = [8.0, 8.0, 8.0]
+patch_zyx = [16, 32, 32]
+ct_clip_hu = [-958, 270]
+ct_mean_hu = -97.3
+ct_std_hu = 137.8
+"""
 REAL_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "ts_ct_sm.nii.gz"
 
 

@@ -9,18 +9,9 @@ from pathlib import Path
 
 import torch
 
-TRAIN_TOML = """
-[network]
-features_per_stage = [4, 8, 16]
-strides_zyx = [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
-kernel_sizes_zyx = [[3, 3, 3], [3, 3, 3], [3, 3, 3]]
-blocks_per_stage = [1, 1, 1]
-spacing_zyx_mm = [8.0, 8.0, 8.0]
-patch_zyx = [16, 32, 32]
-ct_clip_hu = [-958, 270]
-ct_mean_hu = -97.3
-ct_std_hu = 137.8
+from tests.conftest import TINY_NETWORK_TOML
 
+TRAIN_TOML = TINY_NETWORK_TOML + """
 [train]
 epochs = 2
 iterations_per_epoch = 2

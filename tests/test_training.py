@@ -18,6 +18,7 @@ from flarebox.training.data import TrainingCase, class_locations, resample_label
 from flarebox.training.loss import deep_supervision_loss, deep_supervision_weights, dice_ce
 from flarebox.training.sampling import crop, rank_batch_size, sample_batch
 from flarebox.training.trainer import labelled_mask, poly_lr
+from tests.conftest import TINY_NETWORK_TOML
 
 ROOT = Path(__file__).resolve().parents[1]
 NNUNET_PYTHON = ROOT / ".venv-nnunet" / "bin" / "python"
@@ -263,18 +264,7 @@ def test_the_engine_loads_the_checkpoint_and_segments(trained):
     assert labels.shape == volume.array_zyx.shape and labels.max() < 14
 
 
-RESUME_TOML = """
-[network]
-features_per_stage = [4, 8, 16]
-strides_zyx = [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
-kernel_sizes_zyx = [[3, 3, 3], [3, 3, 3], [3, 3, 3]]
-blocks_per_stage = [1, 1, 1]
-spacing_zyx_mm = [8.0, 8.0, 8.0]
-patch_zyx = [16, 32, 32]
-ct_clip_hu = [-958, 270]
-ct_mean_hu = -97.3
-ct_std_hu = 137.8
-
+RESUME_TOML = TINY_NETWORK_TOML + """
 [train]
 epochs = 4
 iterations_per_epoch = 6
