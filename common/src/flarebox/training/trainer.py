@@ -265,14 +265,17 @@ def schedule_progress(epoch: int, config: TrainConfig, training_seconds: float) 
 
 
 def _agree(values: list[float], procs: Processes, op: str) -> list[float]:
-    """Rank 0's values (op="broadcast") or the maximum over ranks (op="max"), so all ranks decide alike."""
+    """Rank 0's values (op="broadcast"), or their maximum or mean over the ranks ("max", "mean"), so
+    that all ranks decide alike."""
     if not procs.distributed:
         return values
     tensor = torch.tensor(values, dtype=torch.float64)
     if op == "broadcast":
         dist.broadcast(tensor, 0)
     else:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        if op == "mean":
+            tensor /= procs.world
     return tensor.tolist()
 
 
@@ -442,7 +445,7 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
             clock = now
 
             if steps_done % per_epoch == 0:
-                mean_loss = _agree([float(np.mean(epoch_losses))], procs, "broadcast")[0]
+                mean_loss = _agree([float(np.mean(epoch_losses))], procs, "mean")[0]
                 history["train_losses"].append(mean_loss)
                 history["lrs"].append(epoch_lr)
                 history["epoch_end_timestamps"].append(time.time())
