@@ -48,7 +48,8 @@ def model_folder(spec, label_set: str, folder: Path) -> Path:
 
 
 def bare_steps_per_s(model_dir: Path, batch: int, patch: tuple[int, int, int], steps: int, *, threads: int,
-                     device: str = "cpu", channels_last: bool = False, amp: torch.dtype | None = None) -> float:
+                     device: str = "cpu", channels_last: bool = False, amp: torch.dtype | None = None,
+                     warmup: int = BARE_WARMUP) -> float:
     from flarebox.models import build_network, load_plan
     from flarebox.training.loss import deep_supervision_loss
     from flarebox.training.trainer import he_init
@@ -64,8 +65,8 @@ def bare_steps_per_s(model_dir: Path, batch: int, patch: tuple[int, int, int], s
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     x = torch.randn(batch, 1, *patch, device=device).to(memory_format=layout)
     y = torch.randint(0, plan.num_classes, (batch, *patch), device=device)
-    for i in range(BARE_WARMUP + steps):
-        if i == BARE_WARMUP:
+    for i in range(warmup + steps):
+        if i == warmup:
             synchronize(device)
             start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -145,9 +146,11 @@ def main() -> None:
                     row(f"  lever: {dtype} autocast", bare_steps_per_s(model, batch, patch, args.steps,
                                                                       threads=threads, amp=dtype, **dev), bare)
             else:
-                native = "native" if cpu_has_native_bf16() else "no native bf16 on this CPU: emulated"
-                row(f"  lever: bf16 autocast ({native})", bare_steps_per_s(
-                    model, batch, patch, max(2, args.steps // 2), threads=threads, amp=torch.bfloat16), bare)
+                native = cpu_has_native_bf16()
+                label = "native" if native else "no native bf16 on this CPU: emulated, one step timed"
+                row(f"  lever: bf16 autocast ({label})", bare_steps_per_s(
+                    model, batch, patch, args.steps if native else 1, threads=threads, amp=torch.bfloat16,
+                    warmup=BARE_WARMUP if native else 1), bare)
             for other in OTHER_PATCHES.get(name, ()):
                 other_model = model_folder(dataclasses.replace(spec, patch_zyx=other), label_set,
                                            work / f"plain_{'x'.join(map(str, other))}")

@@ -90,7 +90,7 @@ TASKS = {
             kernel_sizes_zyx=((3, 3, 3),) * 6, blocks_per_stage=(1, 2, 2, 2, 2, 2),
             spacing_zyx_mm=(2.5, 2.0, 2.0), patch_zyx=(32, 64, 64),
             ct_clip_hu=(-900.0, 619.0), ct_mean_hu=-52.2, ct_std_hu=268.8),
-        training={"foreground_oversampling": 0.9, "batch_dice": True},
+        training={"epochs": 60, "foreground_oversampling": 0.9, "batch_dice": True},
         # Task 1's container runs torch on the GPU: an IR would be dead weight in its image
         backend="torch", precision="f32", openvino=False, int8=False, train_spacing_scale=1.0),
 }
