@@ -4,11 +4,12 @@ torch loop over the same network, batch and patch, and what each lever gives.
     make bench-train                                  # every demo network
     make bench-train BENCH_ARGS="--networks task2 --steps 12"
 
-Bare loop: one fixed random batch, forward, nnU-Net's deep-supervision loss, backward, AdamW step;
-nothing else. Trainer: `flarebox.training.train` on phantoms written at the network's own spacing
+Bare loop: one fixed random batch, forward, nnU-Net's deep-supervision loss, backward, AdamW step
+(torch's defaults); nothing else. Trainer: `flarebox.training.train` on phantoms written at the network's own spacing
 (so the cache is quick to make), timed by its own epoch timestamps after a first warm-up epoch:
 sampling, augmentation, the step and its bookkeeping. Levers, each against the bare loop: channels-
-last-3d tensors, one thread instead of all, bf16 autocast (fast only where the CPU has AVX-512 BF16
+last-3d tensors, AdamW's foreach implementation (torch's default on the CPU is a loop over the
+parameters), one thread instead of all, bf16 autocast (fast only where the CPU has AVX-512 BF16
 or AMX; elsewhere oneDNN emulates it), batches made in a worker process or inline, smaller patches.
 All rows of a network run in one process, one after another, so they share the machine's state.
 """
@@ -49,7 +50,7 @@ def model_folder(spec, label_set: str, folder: Path) -> Path:
 
 def bare_steps_per_s(model_dir: Path, batch: int, patch: tuple[int, int, int], steps: int, *, threads: int,
                      device: str = "cpu", channels_last: bool = False, amp: torch.dtype | None = None,
-                     warmup: int = BARE_WARMUP) -> float:
+                     warmup: int = BARE_WARMUP, foreach: bool | None = None) -> float:
     from flarebox.models import build_network, load_plan
     from flarebox.training.loss import deep_supervision_loss
     from flarebox.training.trainer import he_init
@@ -61,7 +62,7 @@ def bare_steps_per_s(model_dir: Path, batch: int, patch: tuple[int, int, int], s
     network.apply(he_init)
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     network.to(device, memory_format=layout).train()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, foreach=foreach)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     x = torch.randn(batch, 1, *patch, device=device).to(memory_format=layout)
     y = torch.randint(0, plan.num_classes, (batch, *patch), device=device)
@@ -139,6 +140,11 @@ def main() -> None:
             row(f"bare torch loop (f32, contiguous, {threads} threads, {args.device})", bare, bare)
             bare_cl = bare_steps_per_s(model, batch, patch, args.steps, threads=threads, channels_last=True, **dev)
             row("  lever: channels-last-3d", bare_cl, bare)
+            row("  lever: AdamW foreach (one kernel for all parameters)",
+                bare_steps_per_s(model, batch, patch, args.steps, threads=threads, foreach=True, **dev), bare)
+            bare_both = bare_steps_per_s(model, batch, patch, args.steps, threads=threads, channels_last=True,
+                                         foreach=True, **dev)
+            row("  lever: both", bare_both, bare)
             if threads > 1 and not cuda:
                 row("  lever: 1 thread", bare_steps_per_s(model, batch, patch, args.steps, threads=1), bare)
             if cuda:
@@ -157,9 +163,9 @@ def main() -> None:
                 row(f"  grid: patch {'x'.join(map(str, other))} instead (bare)",
                     bare_steps_per_s(other_model, batch, other, args.steps, threads=threads, **dev), bare)
             trainer = trainer_steps_per_s(spec, settings, label_set, work, args.steps, **dev)
-            row("our trainer (channels-last, 1 data worker, augmentation on" + (", fp16" if cuda else "") + ")",
+            row("our trainer (channels-last, foreach, 1 data worker, augmentation" + (", fp16" if cuda else "") + ")",
                 trainer, bare)
-            print(f"  {'':58s} {trainer / bare_cl:5.2f}x the bare loop in channels-last", flush=True)
+            print(f"  {'':58s} {trainer / bare_both:5.2f}x the bare loop with both levers", flush=True)
             row("  trainer, batches made inline (0 workers)",
                 trainer_steps_per_s(spec, settings, label_set, work, args.steps, data_workers=0, **dev), bare)
             row("  trainer, contiguous layout",

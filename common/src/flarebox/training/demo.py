@@ -78,9 +78,9 @@ TASKS = {
     # Published Task 1 model: ResidualEncoderUNet (nnU-Net ResEnc L, blocks 1,3,4,6,6,6), 1 x 0.8 x 0.8 mm,
     # 96x160x160 patch, CT clip [-900, 619], (x + 52.2) / 268.8, 2 classes. Demo: blocks 1,2,2,2,2,2
     # with 8..64 features (2.0 M parameters instead of 102 M), at 2.5 x 2 x 2 mm with a 32x64x64 patch
-    # (8 x 13 x 13 cm): 16x fewer voxels per case, so two CPU cores see enough patches in 20 minutes,
-    # and a 1 cm3 lesion is still 100 voxels. A 48x96x96 patch at 2 x 1.6 x 1.6 mm managed ~400 steps
-    # in 20 minutes and ended at validation DSC 0.00: lesions are rare voxels, hence also 90 %
+    # (8 x 13 x 13 cm): 16x fewer voxels per case, so two CPU cores take 1.6 steps a second, and a
+    # 1 cm3 lesion is still 100 voxels. A 48x96x96 patch costs 3.5x a step (docs/training.md) and
+    # ~400 steps of it ended at validation DSC 0.00: lesions are rare voxels, hence also 90 %
     # lesion-centred patches and Dice over the batch (nnU-Net's batch Dice, for small structures).
     "task1": DemoTask(
         label_set="lesion",

@@ -110,10 +110,13 @@ def poly_lr(initial_lr: float, progress: float, exponent: float = 0.9) -> float:
 
 
 def make_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
+    """foreach=True: one batched kernel per operation over all the parameters. torch picks it only for
+    CUDA tensors; on the CPU the per-tensor loop makes an AdamW step of a demo network 5-8x slower
+    (docs/training.md)."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=config.learning_rate, momentum=config.momentum, nesterov=True,
-                               weight_decay=config.weight_decay)
-    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+                               weight_decay=config.weight_decay, foreach=True)
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True)
 
 
 def labelled_mask(case_ids: tuple[str, ...], config: TrainConfig, num_classes: int) -> torch.Tensor | None:
@@ -245,12 +248,12 @@ def train_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scale
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-        torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm, foreach=True)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm, foreach=True)
         optimizer.step()
     return float(loss.detach())
 
