@@ -130,7 +130,9 @@ save-all:
 # a killed process, a session's end), the same command goes on from the last checkpoint. Durations
 # on a 2-core CPU are in docs/training.md.
 demo-weights: venv
-	$(PY) -m flarebox.training.demo --task task2 --out task2_cpu_organs/weights/model --work .cache/demo/task2 --train-cases 60
-	$(PY) -m flarebox.training.demo --task task1 --out task1_pancancer/weights/model --work .cache/demo/task1
+	$(PY) -m flarebox.training.demo --task task2 --out task2_cpu_organs/weights/model --work .cache/demo/task2 \
+	    --train-cases 60 --config task2_cpu_organs/config.toml
+	$(PY) -m flarebox.training.demo --task task1 --out task1_pancancer/weights/model --work .cache/demo/task1 \
+	    --config task1_pancancer/config.toml
 	$(PY) -m flarebox.training.transfer_demo --out task3_mri_transfer/weights/model \
 	    --mind-out task3_mri_transfer/weights/mind_model --work .cache/demo/task3
