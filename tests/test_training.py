@@ -368,6 +368,23 @@ def test_a_finished_run_is_not_retrained_and_restart_or_another_seed_says_so(tra
     assert continued.returncode == 2 and "no checkpoint to continue from" in continued.stderr
 
 
+def test_init_weights_start_from_a_checkpoint_and_a_wrong_one_is_one_line(trained, tmp_path):
+    from flarebox.training.trainer import train
+
+    root, path = trained
+    config = TrainConfig(epochs=1, iterations_per_epoch=1, batch_size=2, validation_cases=1, device="cpu",
+                         optimizer="adamw", learning_rate=1e-9, weight_decay=0.0, init_weights=str(path),
+                         validate_every_epochs=100)
+    final = train(root / "raw", tmp_path / "model", config, network_spec=TINY_NETWORK, cache_dir=root / "cache")
+    start, end = torch.load(path, weights_only=False), torch.load(final, weights_only=False)
+    for name, tensor in start["network_weights"].items():  # one step of a vanishing learning rate
+        torch.testing.assert_close(end["network_weights"][name], tensor, atol=1e-6, rtol=0)
+    other = TrainConfig(epochs=1, iterations_per_epoch=1, batch_size=2, validation_cases=1, device="cpu",
+                        init_weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ConfigError, match="init_weights"):
+        train(root / "raw", tmp_path / "model2", other, network_spec=TINY_NETWORK, cache_dir=root / "cache")
+
+
 def test_bf16_autocast_follows_f32_over_a_few_steps(trained, tmp_path):
     """The CPU bf16 path (forced here; by default only CPUs with native bf16 take it) trains like f32
     from the same weights and batches: its losses differ, as bf16 must, but by less than 3 %."""

@@ -24,7 +24,7 @@ from flarebox.errors import CaseError, ConfigError
 OVERRIDES = (("epochs", int), ("iterations-per-epoch", int), ("batch-size", int), ("learning-rate", float),
              ("optimizer", str), ("time-limit-minutes", float), ("validation-cases", int),
              ("validate-every-epochs", int), ("device", str), ("seed", int), ("data-workers", int),
-             ("checkpoint-every-minutes", float))
+             ("checkpoint-every-minutes", float), ("init-weights", str))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -79,6 +79,9 @@ class TrainConfig:
     amp_dtype: str = "auto"  # auto | float16 | bfloat16 (bfloat16 forces it on any CPU)
     channels_last: bool = True  # channels-last-3d tensors: oneDNN's faster layout for 3D convolutions
     data_workers: int = 1  # processes making batches beside the step; 0 = in the main process
+    # start from these weights instead of He initialisation (a checkpoint_final.pth of the same
+    # network: fine-tuning, or a longer schedule after a shorter one); "" = none
+    init_weights: str = ""
     # Partial labels: (case-id prefix, classes that source dataset annotates). A case matching no
     # prefix is fully labelled. See loss.py for what the loss does with the other classes.
     partial_labels: tuple[tuple[str, tuple[int, ...]], ...] = ()

@@ -210,7 +210,7 @@ SHIPPED = ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth")
 
 
 def run(task_name: str, out: Path, *, work: Path, n_train: int, n_held_out: int, seed: int,
-        minutes: float | None = None, task_config: Path | None = None) -> dict:
+        minutes: float | None = None, task_config: Path | None = None, init_weights: Path | None = None) -> dict:
     """Generate, train, convert, score; returns the scores written to out/scores.json.
 
     Everything but the shipped model lives in `work` (phantoms, cache, the training's checkpoints),
@@ -228,6 +228,8 @@ def run(task_name: str, out: Path, *, work: Path, n_train: int, n_held_out: int,
     changes = {**DEMO_TRAINING, **task.training, "seed": seed}
     if minutes is not None:
         changes["time_limit_minutes"] = minutes
+    if init_weights is not None:
+        changes["init_weights"] = str(init_weights)
     config = replace(TrainConfig(), **changes)
     model = work / "model"
     final = train(raw, model, config, network_spec=task.network, cache_dir=work / "preprocessed")
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=int, default=10, help="phantoms to score on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", help="the task's config.toml: score the model as its container runs it")
+    parser.add_argument("--init-weights", help="start from this checkpoint (e.g. the bundled model's, to train on)")
     parser.add_argument("--work", required=True,
                         help="phantoms, cache and checkpoints: rerun with the same folder to go on where it stopped")
     args = parser.parse_args(argv)
@@ -289,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args.task, Path(args.out).resolve(), minutes=args.minutes, n_train=args.train_cases,
             n_held_out=args.held_out, seed=args.seed, work=Path(args.work).resolve(),
-            task_config=Path(args.config) if args.config else None)
+            task_config=Path(args.config) if args.config else None,
+            init_weights=Path(args.init_weights).resolve() if args.init_weights else None)
     except Interrupted as stopped:
         log.warning("%s", stopped)
         return 128 + stopped.signum

@@ -375,6 +375,13 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
     torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's too)
     network = build_network(plan, deep_supervision=config.deep_supervision)
     network.apply(he_init)
+    if config.init_weights and state is None:
+        try:
+            network.load_state_dict(checkpoint.load(config.init_weights)["network_weights"])
+        except (OSError, KeyError, RuntimeError) as error:
+            raise ConfigError(f"[train] init_weights: {config.init_weights}: {str(error).splitlines()[0]}") from error
+        if procs.rank == 0:
+            log.info("starting from the weights of %s", config.init_weights)
     layout = torch.channels_last_3d if config.channels_last else torch.contiguous_format
     network.to(procs.device, memory_format=layout).train()
     optimizer = make_optimizer(network.parameters(), config)
