@@ -233,8 +233,19 @@ def run(task_name: str, out: Path, *, work: Path, n_train: int, n_held_out: int,
     config = replace(TrainConfig(), **changes)
     model = work / "model"
     final = train(raw, model, config, network_spec=task.network, cache_dir=work / "preprocessed")
-    state = load(final)
+    scores = ship(task_name, final, out, raw=raw, held_out=held_out, task_config=task_config)
+    log.info("demo %s done in %.1f min (training %.1f min over all its runs)", task_name,
+             (time.perf_counter() - start) / 60, scores["training"]["minutes"])
+    return scores
 
+
+def ship(task_name: str, final: Path, out: Path, *, raw: Path, held_out: Path,
+         task_config: Path | None = None) -> dict:
+    """The trained model into `out`: plans, dataset and the final checkpoint without optimizer state,
+    OpenVINO IR where the task runs it (INT8 calibrated on four training phantoms), scores."""
+    task = TASKS[task_name]
+    model = final.parents[1]
+    state = load(final)
     out.mkdir(parents=True, exist_ok=True)
     clear_model_folder(out)
     for name in SHIPPED:
@@ -248,18 +259,18 @@ def run(task_name: str, out: Path, *, work: Path, n_train: int, n_held_out: int,
         convert_model(out, calibration_images=calibration, tiles_per_image=4)
     scores = score_model(out, task, held_out, task_config)
     progress = state["logging"]["progress"]
+    config = state["logging"]["train_config"]
     scores["training"] = {
-        "minutes": progress["training_seconds"] / 60, "device": config.device, "epochs": state["current_epoch"],
-        "steps": progress["steps_done"], "iterations_per_epoch": config.iterations_per_epoch,
-        "batch_size": config.batch_size, "training_cases": n_train - config.validation_cases,
+        "minutes": progress["training_seconds"] / 60, "device": config["device"], "epochs": state["current_epoch"],
+        "steps": progress["steps_done"], "iterations_per_epoch": config["iterations_per_epoch"],
+        "batch_size": config["batch_size"],
+        "training_cases": len(list((raw / "imagesTr").glob(f"*{io.INPUT_SUFFIX}"))) - config["validation_cases"],
         "validation": state["logging"]["validation"][-1:], "cpu": cpu_description(),
         "parameters": int(sum(p.numel() for p in build_network(load_plan(out)).parameters())),
-        "config": vars(config),
+        "config": config,
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2, default=list) + "\n")
     (out / "scores.md").write_text(markdown(scores, f"{task_name} demo model"))
-    log.info("demo %s done in %.1f min (training %.1f min over all its runs)", task_name,
-             (time.perf_counter() - start) / 60, progress["training_seconds"] / 60)
     return scores
 
 
