@@ -1,16 +1,21 @@
 """Demo weights from synthetic phantoms: generate data, train a small network of the task's
-published topology on the CPU within a time budget, convert it to OpenVINO (Task 2, f32 and INT8
+published topology for the task's number of steps, convert it to OpenVINO (Task 2, f32 and INT8
 calibrated on training phantoms), and score it.
 
-    python -m flarebox.training.demo --task task2 --out task2_cpu_organs/weights/model --minutes 20
-    python -m flarebox.training.demo --task task1 --out task1_pancancer/weights/model --minutes 20
+    python -m flarebox.training.demo --task task2 --out task2_cpu_organs/weights/model \
+        --work .cache/demo/task2 --train-cases 60 --config task2_cpu_organs/config.toml
+    python -m flarebox.training.demo --task task1 --out task1_pancancer/weights/model \
+        --work .cache/demo/task1 --config task1_pancancer/config.toml
+
+Phantoms, cache and checkpoints stay in --work: stopped (Ctrl-C, SIGTERM, a killed process), the
+same command goes on from the last checkpoint. --init-weights starts from a model's weights.
 
 These weights show that the whole path works and what it measures; they are not trained on FLARE
 data and are no substitute for the published models. Training uses synthetic anatomy only: the
 phantoms' "template" anatomy deforms the real CT's own label map, so it would leak the labels the
 model is scored against. Scores (DSC/NSD per class on held-out phantoms at their own spacing, and
 for the organ model on the real CT in ../shared/data/real) go to scores.json and scores.md in the
-model folder, scored by the engine exactly as the task's container runs it.
+model folder, scored by the engine as the task's container runs it (--config).
 """
 
 from __future__ import annotations
