@@ -419,6 +419,7 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
         if stopped is not None:
             log.warning("stopped by signal %d: %d of %d case(s) written, the others not started or not finished; "
                         "rerun to complete them", stopped.signum, tally.written, tally.total)
-    log.info("%d case(s) written, %d failed, %.1fs in all", tally.written, tally.failures,
+    kept = f" ({tally.skipped} already there)" if tally.skipped else ""
+    log.info("%d case(s) written%s, %d failed, %.1fs in all", tally.written, kept, tally.failures,
              time.perf_counter() - start)
     return tally.failures
