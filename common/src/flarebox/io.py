@@ -109,7 +109,7 @@ class _Header:
     scl_inter: float
     raw: bytes = b""  # the first 348 bytes (NIfTI-1 only)
 
-    def sform_zyx(self) -> np.ndarray | None:
+    def sform(self) -> np.ndarray | None:
         """The sform's 3 x 4 matrix (RAS, voxel index (i, j, k) -> mm) when sform_code > 0 (NIfTI-1)."""
         if len(self.raw) < 348 or struct.unpack(self.endian + "h", self.raw[254:256])[0] <= 0:
             return None
@@ -117,7 +117,7 @@ class _Header:
 
     def sheared(self) -> bool:
         """An sform whose axes are not at right angles: ITK refuses it, or reads the qform instead."""
-        sform = self.sform_zyx()
+        sform = self.sform()
         if sform is None or not np.all(np.isfinite(sform)):
             return False
         axes = sform[:, :3] / np.maximum(np.linalg.norm(sform[:, :3], axis=0), 1e-12)
@@ -251,7 +251,7 @@ def _read_sheared(path: Path, header: _Header) -> Volume:
     the sform's column lengths; direction: its polar factor), and the output gets the input's header."""
     import nibabel
 
-    sform = header.sform_zyx()
+    sform = header.sform()
     try:
         image = nibabel.load(str(path))
         data = np.asanyarray(image.dataobj)
