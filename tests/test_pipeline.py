@@ -392,3 +392,20 @@ def test_body_crop_and_fitted_patch_run_fewer_voxels_same_grid():
     print(f"\nbody crop + fitted patch vs plain: labels agree on {100 * agreement:.3f}% ({100 * foreground:.2f}% of "
           "foreground)")
     assert agreement >= 0.98 and foreground >= 0.93  # measured: 98.89 % and 95.72 %
+
+
+def test_auto_device_is_resolved_and_a_cuda_build_without_gpu_says_so(tiny_torch_model_dir, caplog, monkeypatch):
+    """The predictor reports the device it runs on, not 'auto'; a CUDA build of torch that finds no
+    GPU (a GPU image run without --gpus) warns once and runs on the CPU."""
+    import torch
+
+    from flarebox.pipeline import resolve_device
+
+    config = from_dict({"model": {"folder": str(tiny_torch_model_dir)},
+                        "inference": {"backend": "torch", "device": "auto"}}, Path.cwd())
+    assert Predictor.from_config(config).device == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    caplog.set_level("WARNING", logger="flarebox")
+    assert resolve_device("auto") == "cpu"
+    assert any("no GPU found" in r.getMessage() and "CUDA 12.8" in r.getMessage() for r in caplog.records)

@@ -47,7 +47,7 @@ def _predict(args: argparse.Namespace) -> int:
         predictor = Predictor.from_config(config)
         inf = config.inference
         log.info("%s: model %s folds %s, %s %s on %s, step %.2f, export %s, ready in %.2fs", config.name,
-                 config.model.folder, list(config.model.folds), inf.backend, inf.precision, inf.device,
+                 config.model.folder, list(config.model.folds), inf.backend, inf.precision, predictor.device,
                  inf.step_size, config.export.mode, time.perf_counter() - start)
         return predictor
 

@@ -73,13 +73,20 @@ class _Stage:
 
 
 def resolve_device(device: str) -> str:
+    """'auto': CUDA where torch sees a GPU, else the CPU, said loudly when the torch build is CUDA's
+    (a GPU image run without --gpus, or with a driver too old for its CUDA)."""
     if device != "auto":
         return device
     try:
         import torch
     except ImportError:
         return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.version.cuda is not None:
+        log.warning("WARNING: no GPU found (torch %s built for CUDA %s): running on the CPU, many times slower",
+                    torch.__version__, torch.version.cuda)
+    return "cpu"
 
 
 @dataclass(frozen=True)
@@ -101,8 +108,10 @@ def _same_preprocessing(first: ModelPlan, other: ModelPlan) -> None:
 class Predictor:
     """Models ready to segment volumes: plans + compiled backends + settings (+ an optional gate)."""
 
-    def __init__(self, models: list[Model], config: TaskConfig, gate: Predictor | None = None) -> None:
+    def __init__(self, models: list[Model], config: TaskConfig, gate: Predictor | None = None,
+                 device: str = "cpu") -> None:
         self.models, self.config, self.gate = models, config, gate
+        self.device = device  # the one the models run on ('auto' resolved)
 
     @property
     def plan(self) -> ModelPlan:
@@ -116,7 +125,7 @@ class Predictor:
     def from_config(cls, config: TaskConfig) -> Predictor:
         """Everything a case needs, built once: the model (and ensemble members) and the gate's model."""
         inf = config.inference
-        device = resolve_device(inf.device)
+        device = resolve_device(inf.device) if inf.backend == "torch" else inf.device.replace("auto", "cpu")
         models = []
         for index, folder in enumerate((config.model.folder, *config.model.ensemble)):
             plan = load_plan(folder, config.model.configuration)
@@ -135,7 +144,7 @@ class Predictor:
             if gate_config.postprocess.gate_config is not None:
                 raise ConfigError(f"[postprocess] gate_config: {config.postprocess.gate_config} has a gate of its own")
             gate = cls.from_config(gate_config)
-        return cls(models, config, gate)
+        return cls(models, config, gate, device)
 
     def warmup(self) -> None:
         """One zero tile through every backend: compiles kernels, fills caches."""
@@ -211,7 +220,7 @@ class Predictor:
                 resampler=cfg.preprocess.resampler,
                 body_threshold=cfg.preprocess.body_threshold,
                 body_margin_mm=cfg.preprocess.body_margin_mm,
-                device=resolve_device(cfg.inference.device),
+                device=self.device,
                 on_shape=compile_tiles,
             )
         if compiling:
