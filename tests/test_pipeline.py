@@ -391,7 +391,7 @@ def test_body_crop_and_fitted_patch_run_fewer_voxels_same_grid():
     foreground = float(np.mean(labels[expected > 0] == expected[expected > 0]))
     print(f"\nbody crop + fitted patch vs plain: labels agree on {100 * agreement:.3f}% ({100 * foreground:.2f}% of "
           "foreground)")
-    assert agreement >= 0.98 and foreground >= 0.93  # measured: 98.89 % and 95.72 %
+    assert agreement >= 0.98 and foreground >= 0.93  # measured: 99.21 % and 97.39 % (13-organ demo model)
 
 
 def test_auto_device_is_resolved_and_a_cuda_build_without_gpu_says_so(tiny_torch_model_dir, caplog, monkeypatch):
