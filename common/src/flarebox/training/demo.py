@@ -67,7 +67,7 @@ TASKS = {
     # 14 classes. Demo: 8..64 features instead of 32..320 (1.5 M instead of 30.7 M parameters: the
     # weights stay a few MB; compute is in the 8- and 16-feature stages at full resolution anyway)
     # and a 32x96x96 patch (8 x 24 x 24 cm), for training and inference alike: a step costs a quarter
-    # of 40x128x128's on two cores (docs/benchmarks.md, training), so four times the steps; training
+    # to a third of 40x128x128's on two cores (docs/training.md), so three to four times the steps; training
     # on one patch but inferring on a larger one halved the validation DSC (instance normalisation
     # then sees far more zero padding than in training). No mirroring: left and right organs differ
     # only by side, and the phantoms come both as LPS and as RAS (rotated 180 degrees, not mirrored).
@@ -281,14 +281,15 @@ def ship(task_name: str, final: Path, out: Path, *, raw: Path, held_out: Path,
 
 def cpu_description() -> str:
     """The CPU's model name and the instruction sets that decide training and inference speed."""
+    from flarebox.training.trainer import cpu_flags
+
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown CPU"
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return f"{name}, {os.cpu_count()} cores, " + " ".join(f for f in wanted if f in flags)
+    return f"{name}, {os.cpu_count()} cores, " + " ".join(f for f in wanted if f in cpu_flags())
 
 
 def main(argv: list[str] | None = None) -> int:

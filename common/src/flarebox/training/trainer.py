@@ -215,13 +215,18 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: the CPUs where oneDNN's bf16 kernels beat f32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
