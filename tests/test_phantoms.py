@@ -262,3 +262,15 @@ def test_bad_arguments_are_refused():
                          ({"phase": "delayed"}, "phase"), ({"orientation": "lai"}, "orientation")):
         with pytest.raises(ValueError, match=word):
             generate_case(0, spacing_zyx_mm=COARSE, **kwargs)
+
+
+def test_write_dataset_keeps_existing_cases_and_leaves_no_temporary_files(tmp_path):
+    out = write_dataset(tmp_path / "ds", 2, 40, spacing_zyx_mm=COARSE)
+    first = out / "imagesTr" / "phantom_0040_0000.nii.gz"
+    first.write_bytes(b"kept")  # a stand-in: an interrupted run's finished case is not made again
+    (out / "imagesTr" / "phantom_0041_0000.nii.gz").unlink()  # the case an interruption cut short
+    write_dataset(tmp_path / "ds", 2, 40, spacing_zyx_mm=COARSE, keep_existing=True)
+    assert first.read_bytes() == b"kept"
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["phantom_0040_0000.nii.gz",
+                                                                    "phantom_0041_0000.nii.gz"]
+    assert not [p for p in (out / "labelsTr").iterdir() if p.name.startswith(".")]
