@@ -3,6 +3,7 @@
 #   make test                                           all tests (what CI runs)
 #   make bench                                          Task 2 speed/memory figures
 #   make bench-train                                    training steps/s per demo network, and its levers
+#   make bench-memory                                   memory estimate per case against measured peaks
 #   make evaluate TASK=... IN=images GT=labels REPORT=dir   the organisers' evaluation (PRED=dir: score only)
 #   make demo-weights                                   train and export the bundled demo models
 
@@ -15,7 +16,7 @@ TASK ?= task2_cpu_organs
 IN ?= tests/data/inputs
 OUT ?= outputs/$(TASK)
 
-.PHONY: venv nnunet-env test lint predict bench bench-train evaluate demo-weights clean
+.PHONY: venv nnunet-env test lint predict bench bench-train bench-memory evaluate demo-weights clean
 
 venv: $(VENV)/.done
 $(VENV)/.done: common/pyproject.toml common/constraints.txt
@@ -50,6 +51,10 @@ bench: venv nnunet-env
 # Training throughput: steps/s of each demo network, trainer against a bare torch loop, and the levers
 bench-train: venv
 	$(PY) -m tests.bench.train $(BENCH_ARGS)
+
+# The memory budget's estimate (from a case's header) against measured peaks, per task and case kind
+bench-memory: venv
+	$(PY) -m tests.bench.memory $(BENCH_ARGS)
 
 # The organisers' evaluation (tests/harness, host-side): one container run per case with the built
 # image, or the local predict path where no engine or image is there (the report says which), timed

@@ -18,6 +18,7 @@ from flarebox.errors import ConfigError
 
 def _predict(args: argparse.Namespace) -> int:
     from flarebox.config import from_dict, load_config
+    from flarebox.memory import GB, Budget
     from flarebox.pipeline import Predictor, Stopped, check_folders, run_folder, stop_on_signals
 
     overrides = {
@@ -42,19 +43,23 @@ def _predict(args: argparse.Namespace) -> int:
         config = from_dict(raw, Path.cwd())
     log = logging.getLogger("flarebox")
 
+    check_folders(Path(args.input), Path(args.output))  # before the model loads: one line, no traceback
+    budget = Budget.from_config(config)
+
     def load() -> Predictor:  # runs while the first case is read
         start = time.perf_counter()
         predictor = Predictor.from_config(config)
         inf = config.inference
-        log.info("%s: model %s folds %s, %s %s on %s, step %.2f, export %s, ready in %.2fs", config.name,
-                 config.model.folder, list(config.model.folds), inf.backend, inf.precision, predictor.device,
-                 inf.step_size, config.export.mode, time.perf_counter() - start)
+        log.info("%s: model %s folds %s, %s %s on %s, step %.2f, export %s, memory %.1f GB (%s), ready in %.2fs",
+                 config.name, config.model.folder, list(config.model.folds), inf.backend, inf.precision,
+                 predictor.device, inf.step_size, config.export.mode, budget.limit / GB, budget.source,
+                 time.perf_counter() - start)
         return predictor
 
-    check_folders(Path(args.input), Path(args.output))  # before the model loads: one line, no traceback
     try:
         with stop_on_signals():
-            failures = run_folder(load, Path(args.input), Path(args.output), skip_existing=args.resume)
+            failures = run_folder(load, Path(args.input), Path(args.output), skip_existing=args.resume,
+                                  budget=budget)
     except Stopped as stopped:
         return 128 + stopped.signum
     return 1 if failures else 0

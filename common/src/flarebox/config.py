@@ -60,6 +60,10 @@ class InferenceConfig:
     # top: 3.5 keeps a process within FLARE's 4 GB). Logits are summed on the GPU when they fit in
     # it, in host memory otherwise; see TorchBackend.accumulation_place.
     gpu_memory_gb: float = 3.5
+    # host memory a run may use: a case whose estimated need (memory.py) does not fit beside what the
+    # process holds is refused with one line, and the next case is read ahead only when both fit.
+    # 0 = the container's limit (docker run -m), else the machine's memory
+    memory_limit_gb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ def validate(config: TaskConfig) -> TaskConfig:
         (config.preprocess.features in ("intensity", "mind"), "[preprocess] features", "intensity or mind"),
         (len(config.model.folds) > 0, "[model] folds", "at least one fold"),
         (inf.gpu_memory_gb > 0, "[inference] gpu_memory_gb", "positive"),
+        (inf.memory_limit_gb >= 0, "[inference] memory_limit_gb", "zero (the container's limit) or positive"),
         (config.preprocess.body_margin_mm >= 0, "[preprocess] body_margin_mm", "zero or positive"),
         (config.postprocess.min_component_mm3 >= 0, "[postprocess] min_component_mm3", "zero or positive"),
         (config.postprocess.gate_margin_mm >= 0, "[postprocess] gate_margin_mm", "zero or positive"),

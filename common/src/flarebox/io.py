@@ -107,6 +107,7 @@ class _Header:
     vox_offset: int
     scl_slope: float
     scl_inter: float
+    pixdim: tuple[float, ...] = ()  # pixdim[1] .. pixdim[dim[0]]
     raw: bytes = b""  # the first 348 bytes (NIfTI-1 only)
 
     def sform(self) -> np.ndarray | None:
@@ -151,17 +152,20 @@ def _parse_header(header: bytes) -> _Header | None:
             dims = struct.unpack(endian + "8h", header[40:56])
             datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             offset, slope, inter = struct.unpack(endian + "3f", header[108:120])
+            pixdim = struct.unpack(endian + "8f", header[76:108])
         elif sizeof_hdr == 540 and len(header) >= 540:
             datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             slope, inter = struct.unpack(endian + "2d", header[176:192])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
         else:
             continue
         if not 1 <= dims[0] <= 7 or bitpix <= 0:
             return None
         return _Header(endian, sizeof_hdr, tuple(int(d) for d in dims[1 : dims[0] + 1]), int(datatype),
                        int(bitpix), int(offset), float(slope), float(inter),
+                       tuple(abs(float(p)) for p in pixdim[1 : dims[0] + 1]),
                        bytes(header[:348]) if sizeof_hdr == 348 else b"")
     return None
 
@@ -205,6 +209,44 @@ def _count_non_finite(path: Path) -> int:
 
     data = np.asanyarray(nibabel.load(str(path)).dataobj)
     return int(data.size - np.count_nonzero(np.isfinite(data)))
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header tells before its voxels are read: enough to budget its memory."""
+
+    shape_zyx: tuple[int, int, int]
+    spacing_zyx_mm: tuple[float, float, float]
+    read_itemsize: int  # bytes per voxel once read (and held until the case is done)
+
+
+def read_header(path: Path) -> ImageHeader | None:
+    """The grid of a 3D NIfTI file from its header alone (the first kilobyte of the stream), as an
+    estimate's input; spacing from the sform's columns where it is set, else pixdim. None where the
+    header does not describe a usable 3D grid: read_image then says what is wrong. Raises CaseError
+    only as read_image would, for a file that is not a readable NIfTI at all."""
+    path = Path(path)
+    header, _ = _check_nifti_file(path)
+    dims = list(header.dims)
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) != 3 or min(dims) < 2:
+        return None
+    sform = header.sform()
+    if sform is not None and np.all(np.isfinite(sform)):
+        spacing_xyz = tuple(float(v) for v in np.linalg.norm(sform[:, :3], axis=0))
+    else:
+        spacing_xyz = tuple(header.pixdim[:3])
+    low, high = SPACING_RANGE_MM
+    if len(spacing_xyz) != 3 or not all(low <= s <= high for s in spacing_xyz):
+        return None
+    itemsize = header.bitpix // 8
+    if not (header.scl_slope in (0.0, 1.0) and header.scl_inter == 0.0):
+        itemsize = max(itemsize, 4)  # scaled values are read as floats
+    if header.sheared():
+        itemsize *= 2  # nibabel's array and its (z, y, x) copy
+    x, y, z = dims
+    return ImageHeader((z, y, x), (spacing_xyz[2], spacing_xyz[1], spacing_xyz[0]), itemsize)
 
 
 def read_image(path: Path) -> Volume:

@@ -28,6 +28,7 @@ from flarebox.backends import load_backend
 from flarebox.config import TaskConfig, load_config
 from flarebox.errors import CaseError, ConfigError
 from flarebox.export import Labels, to_original_grid
+from flarebox.memory import Budget, Need
 from flarebox.models import ModelPlan, load_plan
 from flarebox.preprocess import preprocess
 from flarebox.sliding_window import (
@@ -348,15 +349,60 @@ class _Written:
             on_case(self.case, self.timings)
 
 
-def _read_ahead(pool: ThreadPoolExecutor, cases: list[io.Case], first: Future | None
-                ) -> Iterator[tuple[io.Case, Future]]:
-    """Each case with its read in flight (the first one's already submitted); the next case's
-    read starts as this one is handed out."""
-    pending = first
-    for index, case in enumerate(cases):
-        current = pending
-        pending = pool.submit(io.read_case, cases[index + 1]) if index + 1 < len(cases) else None
-        yield case, current
+@dataclass(frozen=True)
+class _Read:
+    case: io.Case
+    index: int  # 1-based, among the cases of the run
+    need: Need | None
+    volume: Future
+
+
+@dataclass
+class _Reads:
+    """The cases, each with its read in flight, within the memory budget: a case whose estimated
+    need cannot fit beside what the process holds is refused (one line) before it is read, and the
+    next case is read while this one is segmented only when both fit; else after it."""
+
+    pool: ThreadPoolExecutor
+    cases: list[io.Case]
+    tally: _Tally
+    budget: Budget | None = None
+    _next: int = 0
+
+    def start(self) -> _Read | None:
+        """The next case that can be read, its read submitted; None when none is left."""
+        while self._next < len(self.cases):
+            case = self.cases[self._next]
+            self._next += 1
+            try:
+                need = self.budget.need(case.path) if self.budget is not None else None
+                if need is not None and (reason := self.budget.refusal(need.total)):
+                    raise CaseError(case.path, reason)
+            except CaseError as error:
+                self.tally.failed(case, error)
+                continue
+            return _Read(case, self._next, need, self.pool.submit(io.read_case, case))
+        return None
+
+    def fits_beside(self, need: Need | None) -> bool:
+        """Whether the next case's read may run while a case of this need is segmented."""
+        if self.budget is None or self._next >= len(self.cases):
+            return True
+        if need is None:
+            return False
+        try:
+            following = self.budget.need(self.cases[self._next].path)
+        except CaseError:
+            return True  # its read fails at once, holding nothing
+        return following is None or self.budget.refusal(need.total + following.read) is None
+
+    def following(self, first: _Read | None) -> Iterator[_Read]:
+        """`first` (already started) and every case after it, each handed out with its read in flight."""
+        current = first
+        while current is not None:
+            ahead = self.start() if self.fits_beside(current.need) else None
+            yield current
+            current = ahead if ahead is not None else self.start()
 
 
 def _finish(writer: ThreadPoolExecutor, reader: ThreadPoolExecutor) -> None:
@@ -372,12 +418,15 @@ def _finish(writer: ThreadPoolExecutor, reader: ThreadPoolExecutor) -> None:
 
 
 def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, output_dir: Path,
-               on_case: Callable[[io.Case, Timings], None] | None = None, *, skip_existing: bool = False) -> int:
+               on_case: Callable[[io.Case, Timings], None] | None = None, *, skip_existing: bool = False,
+               budget: Budget | None = None) -> int:
     """Segment every case of a FLARE input folder; returns the number of failed inputs.
 
     predictor: a Predictor, or a function that builds one: the first case is then read while it runs.
     on_case: called with each written case and its timings (in the writer thread).
     skip_existing: leave out cases whose output is already there (a rerun after an interruption).
+    budget: the memory budget (memory.py); by default the predictor's configuration's, known only
+        once a predictor built by a function exists, so the first case's read is then not checked.
     Raises ConfigError, before any case is read, when the folders are unusable, and Stopped when
     SIGTERM or SIGINT arrives (while `stop_on_signals` is active): the write in flight is completed,
     no case is left half-written, and the cases not done are simply missing.
@@ -398,26 +447,32 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
     tally = _Tally(total=len(cases), failures=len(rejected), skipped=len(done))
     start = time.perf_counter()
     reader, writer = ThreadPoolExecutor(1, "flarebox-read"), ThreadPoolExecutor(1, "flarebox-write")
+    reads = _Reads(reader, cases, tally, budget)
     stopped: Stopped | None = None
     try:
-        first = reader.submit(io.read_case, cases[0]) if cases else None  # now, not when iterated
+        first = reads.start()  # now: the first case is read while the models load
         if not isinstance(predictor, Predictor):
             predictor = predictor()
+        if reads.budget is None:
+            reads.budget = Budget.from_config(predictor.config)
         level = predictor.config.export.compression_level
         io.itk()  # imported here, while the first case inflates, not after it in the reader
         writing: Future | None = None
-        for index, (case, pending) in enumerate(_read_ahead(reader, cases, first), start=1):
-            timings = Timings()
+        for read in reads.following(first):
+            case, timings = read.case, Timings()
             try:
                 with timings.stage("read"):
-                    volume = pending.result()
+                    volume = read.volume.result()
+                if read.need is not None and (reason := reads.budget.refusal(read.need.work)):
+                    raise CaseError(case.path, reason)
                 labels = predictor.labels(volume, timings)
             except Exception as error:
                 tally.failed(case, error)
+                volume = None
                 continue
             if writing is not None:
                 writing.result()  # one case's labels waiting at most: memory stays bounded
-            writing = writer.submit(_Written(case, index, labels, volume.geometry, timings).write, output_dir,
+            writing = writer.submit(_Written(case, read.index, labels, volume.geometry, timings).write, output_dir,
                                     level, tally, on_case)
             del volume, labels
     except Stopped as signalled:
