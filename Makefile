@@ -4,6 +4,7 @@
 #   make bench                                          Task 2 speed/memory figures
 #   make bench-train                                    training steps/s per demo network, and its levers
 #   make bench-memory                                   memory estimate per case against measured peaks
+#   make soak TASK=... RUNS=100                         consecutive container runs, good and bad cases
 #   make evaluate TASK=... IN=images GT=labels REPORT=dir   the organisers' evaluation (PRED=dir: score only)
 #   make demo-weights                                   train and export the bundled demo models
 
@@ -16,7 +17,7 @@ TASK ?= task2_cpu_organs
 IN ?= tests/data/inputs
 OUT ?= outputs/$(TASK)
 
-.PHONY: venv nnunet-env test lint predict bench bench-train bench-memory evaluate demo-weights clean
+.PHONY: venv nnunet-env test lint predict bench bench-train bench-memory soak evaluate demo-weights clean
 
 venv: $(VENV)/.done
 $(VENV)/.done: common/pyproject.toml common/constraints.txt
@@ -52,6 +53,11 @@ bench: venv nnunet-env
 bench-train: venv
 	$(PY) -m tests.bench.train $(BENCH_ARGS)
 
+# Consecutive organiser-style container runs over good and bad cases: lost cases, time and memory growth
+RUNS ?= 100
+soak: engine
+	$(PY) -m tests.bench.soak --task $(TASK) --runs $(RUNS) --image $(IMAGE)
+
 # The memory budget's estimate (from a case's header) against measured peaks, per task and case kind
 bench-memory: venv
 	$(PY) -m tests.bench.memory $(BENCH_ARGS)
@@ -77,13 +83,20 @@ TASKS := task1_pancancer task2_cpu_organs task3_mri_transfer
 REGISTRY_BASE := python:3.11-slim-bookworm
 LOCAL_BASE := flarebox-base:bookworm
 BASE_IMAGE ?= $(shell docker image inspect $(REGISTRY_BASE) >/dev/null 2>&1 && echo $(REGISTRY_BASE) || echo $(LOCAL_BASE))
-TORCH_SPEC ?= torch==2.13.0
-IMAGE = $(TEAM)-$(subst _,-,$(TASK)):latest
-WHEEL_SET = $(if $(filter task2_cpu_organs,$(TASK)),cpu,gpu)
+# Torch in the Task 1 and Task 3 images: 'cuda' (the default: PyPI's CUDA build of torch with the
+# CUDA libraries it names, pinned in common/requirements/cuda.txt; what the organisers' GPU needs) or
+# 'cpu' (torch's CPU build: CPU-only use and quicker builds, tagged :cpu). '===' asks for exactly
+# 2.13.0, so no local +cpu build on the machine can stand in for the CUDA one.
+TORCH_BUILD ?= cuda
+TORCH_cuda := torch===2.13.0 -r common/requirements/cuda.txt
+TORCH_cpu := torch==2.13.0+cpu
+GPU_TASK = $(filter-out task2_cpu_organs,$(TASK))
+IMAGE = $(TEAM)-$(subst _,-,$(TASK)):$(if $(and $(GPU_TASK),$(filter cpu,$(TORCH_BUILD))),cpu,latest)
+WHEEL_SET = $(if $(GPU_TASK),gpu-$(TORCH_BUILD),cpu)
 GPU_FLAG = $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo '--gpus="device=0"')
 MEMORY = $(if $(filter task2_cpu_organs,$(TASK)),8G,28G)
 
-.PHONY: engine base-image wheelhouse build build-all run save-all
+.PHONY: engine base-image wheelhouse packages build build-all run save-all
 
 engine:
 	@docker info >/dev/null 2>&1 || { \
@@ -101,17 +114,36 @@ base-image: engine
 	    http://deb.debian.org/debian >/tmp/debootstrap.log 2>&1 && \
 	  tar -C $$rootfs -c . | docker import - $(LOCAL_BASE) && rm -rf $$rootfs; }
 
-wheelhouse: .wheelhouse/cpu/.done .wheelhouse/gpu/.done
-.wheelhouse/%/.done: common/constraints.txt common/requirements/%.txt $(shell find common/src -name '*.py') common/pyproject.toml | venv
-	rm -rf .wheelhouse/$* && mkdir -p .wheelhouse/$*
-	$(PY) -m pip download -q --no-deps --only-binary=:all: -c common/constraints.txt \
-	  -r common/requirements/$*.txt $(if $(filter gpu,$*),$(TORCH_SPEC)) -d .wheelhouse/$*
-	$(PY) -m pip wheel -q --no-deps --no-build-isolation ./common -w .wheelhouse/$*
+# One folder of third-party wheels per image kind, every package pinned (common/constraints.txt) and
+# listed (--no-deps: the lists are the whole closure): cpu = Task 2's OpenVINO set; gpu-cuda and
+# gpu-cpu = the torch set with either torch build. Each becomes an image, flarebox-packages:<set>,
+# that the task images copy their venv from; the flarebox wheel is built apart (.wheelhouse/flarebox),
+# so that a change to flarebox neither downloads nor reinstalls the packages.
+define make_wheelhouse
+rm -rf .wheelhouse/$(1) && mkdir -p .wheelhouse/$(1)
+$(PY) -m pip download -q --no-deps --only-binary=:all: -c common/constraints.txt $(2) -d .wheelhouse/$(1)
+touch .wheelhouse/$(1)/.done
+endef
+
+wheelhouse: .wheelhouse/cpu/.done .wheelhouse/gpu-$(TORCH_BUILD)/.done .wheelhouse/flarebox/.done
+.wheelhouse/cpu/.done: common/constraints.txt common/requirements/cpu.txt | venv
+	$(call make_wheelhouse,cpu,-r common/requirements/cpu.txt)
+.wheelhouse/gpu-%/.done: common/constraints.txt common/requirements/gpu.txt common/requirements/cuda.txt | venv
+	$(call make_wheelhouse,gpu-$*,-r common/requirements/gpu.txt $(TORCH_$*))
+.wheelhouse/flarebox/.done: $(shell find common/src -name '*.py') common/pyproject.toml | venv
+	rm -rf .wheelhouse/flarebox && mkdir -p .wheelhouse/flarebox
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation ./common -w .wheelhouse/flarebox
 	touch $@
 
-build: base-image wheelhouse
-	@df -P . | awk 'NR==2 && $$4 < 4*1024*1024 {print "less than 4 GB of free disk: not building"; exit 1}'
-	docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) -f $(TASK)/Dockerfile -t $(IMAGE) .
+# flarebox-packages:<set>, rebuilt when its wheelhouse changes (docker's cache makes a rerun instant)
+packages: base-image .wheelhouse/$(WHEEL_SET)/.done
+	docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) -f common/docker/packages.Dockerfile \
+	  -t $(TEAM)-packages:$(WHEEL_SET) .wheelhouse/$(WHEEL_SET)
+
+build: packages .wheelhouse/flarebox/.done
+	@df -P . | awk 'NR==2 && $$4 < 8*1024*1024 {print "less than 8 GB of free disk: not building"; exit 1}'
+	docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg PACKAGES=$(TEAM)-packages:$(WHEEL_SET) -f $(TASK)/Dockerfile -t $(IMAGE) .
 	@docker image inspect $(IMAGE) --format '$(IMAGE): {{.Size}} bytes' | awk '{printf "%s %.0f MB\n", $$1, $$2/1e6}'
 
 build-all:

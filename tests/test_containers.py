@@ -113,6 +113,62 @@ def test_a_bad_case_fails_the_run_and_writes_nothing(built, tmp_path):
     assert "broken_0000.nii.gz: cannot read" in run.stdout + run.stderr
 
 
+GPU_TASKS = [t for t in BUILDABLE if t != "task2_cpu_organs"]
+
+
+@pytest.mark.parametrize("task", GPU_TASKS)
+def test_gpu_image_holds_the_cuda_build_of_torch_and_loads_cudnn(task, tmp_path):
+    """The default build of a GPU task (TORCH_BUILD=cuda): inside the image, on this machine without
+    a GPU, torch is PyPI's CUDA build, reports its CUDA version and loads cuDNN from its wheels;
+    predict.sh then says loudly that it found no GPU and names the device it runs on."""
+    built = subprocess.run(["make", "-C", str(ROOT), "build", f"TASK={task}", "TORCH_BUILD=cuda"],
+                           capture_output=True, text=True, check=False, timeout=3600)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    probe = ("import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.is_available(), "
+             "torch.backends.cudnn.version(), torch.cuda.is_available())")
+    run = subprocess.run(["docker", "container", "run", "--rm", "--network", "none", image_name(task), "python3", "-c",
+                          probe], capture_output=True, text=True, check=False, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    version, cuda, has_cudnn, cudnn, gpu = run.stdout.split()
+    assert version == "2.13.0" and cuda.startswith("13.") and has_cudnn == "True" and gpu == "False"
+    assert int(cudnn) >= 90000  # cuDNN 9, loaded from the nvidia-cudnn wheel
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    outputs.mkdir()
+    write_image(inputs / "nogpu_0000.nii.gz", ct_like((20, 48, 40)), spacing_xyz=(2, 2, 3))
+    run = docker_run(task, inputs, outputs)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    log = run.stdout + run.stderr
+    assert "WARNING: no GPU found" in log and " on cpu," in log
+    assert os.listdir(outputs) == ["nogpu.nii.gz"]
+
+
+def test_a_case_beyond_the_memory_limit_is_refused_and_the_others_written(tmp_path):
+    """Task 2's image under `-m 2g`: a case whose header says it would need far more (100 voxels of
+    20 mm a side become 800 of 2.5 mm) is refused in one line before it is read, and the cases beside
+    it are written; the container is not killed (exit 1 for the one failed case, not 137)."""
+    task = "task2_cpu_organs"
+    built = subprocess.run(["make", "-C", str(ROOT), "build", f"TASK={task}"], capture_output=True, text=True,
+                           check=False, timeout=1800)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    outputs.mkdir()
+    for name in ("a", "c"):
+        write_image(inputs / f"{name}_0000.nii.gz", ct_like((30, 80, 70), seed=1), spacing_xyz=(1.5, 1.5, 3))
+    write_image(inputs / "b_0000.nii.gz", ct_like((100, 100, 100), seed=2), spacing_xyz=(20, 20, 20))
+    cmd = ["docker", "container", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp", "-m", "2g",
+           "-v", f"{inputs}/:/workspace/inputs/", "-v", f"{outputs}/:/workspace/outputs/", image_name(task),
+           "/bin/bash", "-c", "sh predict.sh"]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
+    log = run.stdout + run.stderr
+    assert run.returncode == 1, log[-3000:]
+    assert sorted(os.listdir(outputs)) == ["a.nii.gz", "c.nii.gz"]
+    refused = [line for line in log.splitlines() if "b_0000.nii.gz" in line]
+    assert len(refused) == 1 and "needs about" in refused[0] and "2.0 GB container limit" in refused[0], log[-3000:]
+    assert "memory 2.0 GB (container limit)" in log
+
+
 def test_compose_file_validates():
     compose = shutil.which("docker-compose")
     cmd = [compose, "config", "-q"] if compose else ["docker", "compose", "config", "-q"]

@@ -81,11 +81,14 @@ def wants_gpu(task: str) -> bool:
 
 
 def docker_command(image: str, inputs: Path, outputs: Path, *, memory: str, container_name: str, gpu: bool,
-                   cidfile: Path | None = None) -> list[str]:
-    """The organisers' command for one case (see the module docstring for the two added flags)."""
+                   cidfile: Path | None = None, user: str | None = None) -> list[str]:
+    """The organisers' command for one case (see the module docstring for the two added flags);
+    `user` ('uid:gid') runs it as that user instead of the image's root."""
     cmd = ["docker", "container", "run", "--shm-size=28gb", "-m", memory]
     if gpu:
         cmd += ["--gpus", "device=0"]
+    if user is not None:
+        cmd += ["--user", user]
     cmd += ["--name", container_name, "--rm", "--network", "none"]
     if cidfile is not None:
         cmd += ["--cidfile", str(cidfile)]
@@ -128,13 +131,17 @@ def _container_pid(cidfile: Path) -> int | None:
     return pid or None
 
 
-def _stage(case_image: Path, work: Path) -> tuple[Path, Path]:
-    """A fresh inputs folder holding only this case, and a fresh, empty outputs folder."""
+def _stage(case_image: Path, work: Path, owner: str | None = None) -> tuple[Path, Path]:
+    """A fresh inputs folder holding only this case, and a fresh, empty outputs folder (given to
+    `owner`, 'uid:gid', where the container runs as that user)."""
     work.mkdir(parents=True, exist_ok=True)
     inputs = Path(tempfile.mkdtemp(prefix="inputs_", dir=work))
     outputs = Path(tempfile.mkdtemp(prefix="outputs_", dir=work))
     shutil.copy(case_image, inputs / case_image.name)
     outputs.chmod(0o755)  # as the organisers create it: owned by the harness's user, 0755
+    if owner is not None:
+        uid, gid = (int(v) for v in owner.split(":"))
+        os.chown(outputs, uid, gid)
     return inputs, outputs
 
 
@@ -167,14 +174,15 @@ def _tail(path: Path, n_chars: int = 4000) -> str:
 
 
 def run_docker_case(case_id: str, case_image: Path, *, image: str, task: str, work: Path, predictions: Path,
-                    container_name: str, timeout_s: float, gpu: bool | None = None) -> RunResult:
+                    container_name: str, timeout_s: float, gpu: bool | None = None,
+                    user: str | None = None) -> RunResult:
     """One case in a container; a container still running at `timeout_s` is killed and the case failed."""
     gpu = wants_gpu(task) if gpu is None else gpu
-    inputs, outputs = _stage(case_image, work)
+    inputs, outputs = _stage(case_image, work, user)
     cidfile = work / f"{case_id}.cid"
     cidfile.unlink(missing_ok=True)
     cmd = docker_command(image, inputs, outputs, memory=memory_limit(task), container_name=container_name, gpu=gpu,
-                         cidfile=cidfile)
+                         cidfile=cidfile, user=user)
     log = work / f"{case_id}.log"
     gpu_sampler = GpuSampler(0).start()
     host_sampler = CgroupSampler(lambda: _container_pid(cidfile)).start()

@@ -384,23 +384,24 @@ class _Reads:
             return _Read(case, self._next, need, self.pool.submit(io.read_case, case))
         return None
 
-    def fits_beside(self, need: Need | None) -> bool:
-        """Whether the next case's read may run while a case of this need is segmented."""
+    def fits_beside(self, current: _Read) -> bool:
+        """Whether the next case's read may run while `current` is segmented."""
         if self.budget is None or self._next >= len(self.cases):
             return True
-        if need is None:
-            return False
         try:
+            need = current.need or self.budget.need(current.case.path)  # the first case's, read before the budget
             following = self.budget.need(self.cases[self._next].path)
         except CaseError:
-            return True  # its read fails at once, holding nothing
-        return following is None or self.budget.refusal(need.total + following.read) is None
+            return True  # a read that fails at once, holding nothing
+        if need is None or following is None:
+            return True  # a header without a usable grid: that read fails at once too
+        return self.budget.refusal(need.total + following.read) is None
 
     def following(self, first: _Read | None) -> Iterator[_Read]:
         """`first` (already started) and every case after it, each handed out with its read in flight."""
         current = first
         while current is not None:
-            ahead = self.start() if self.fits_beside(current.need) else None
+            ahead = self.start() if self.fits_beside(current) else None
             yield current
             current = ahead if ahead is not None else self.start()
 
