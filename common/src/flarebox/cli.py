@@ -51,7 +51,7 @@ def _predict(args: argparse.Namespace) -> int:
         predictor = Predictor.from_config(config)
         inf = config.inference
         log.info("%s: model %s folds %s, %s %s on %s, step %.2f, export %s, memory %.1f GB (%s), ready in %.2fs",
-                 config.name, config.model.folder, list(config.model.folds), inf.backend, inf.precision,
+                 config.name, config.model.folder, list(config.model.folds), inf.backend, predictor.backend.precision,
                  predictor.device, inf.step_size, config.export.mode, budget.limit / GB, budget.source,
                  time.perf_counter() - start)
         return predictor

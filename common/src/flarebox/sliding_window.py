@@ -24,6 +24,7 @@ class Backend(Protocol):
 
     patch_zyx: tuple[int, int, int]
     num_classes: int
+    precision: str  # what the network runs in (torch's fp16 setting runs f32 on the CPU)
 
     def predict(self, tile: np.ndarray) -> np.ndarray:
         """(1, c, *patch) float32 -> (1, k, *patch) float32 logits, which may live in the runtime's

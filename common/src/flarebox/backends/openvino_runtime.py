@@ -45,6 +45,7 @@ class OpenVINOBackend:
     ) -> None:
         self.patch_zyx = plan.patch_zyx
         self.num_classes = plan.num_classes
+        self.precision = precision
         paths = [ir_path(plan, fold, precision) for fold in folds]
         for path in paths:
             if not path.is_file():

@@ -17,7 +17,8 @@ class TorchBackend:
                  device: str = "cpu", precision: str = "f32") -> None:
         self.patch_zyx, self.num_classes = tuple(patch_zyx), num_classes
         self.device = torch.device(device)
-        self.precision = precision
+        # fp16 is a CUDA setting: CPU kernels for it are slow or missing, so the CPU runs f32
+        self.precision = "f32" if precision == "fp16" and self.device.type != "cuda" else precision
         self.networks = [network.to(self.device) for network in networks]
 
     @classmethod
@@ -39,8 +40,7 @@ class TorchBackend:
         return cls(networks, plan.patch_zyx, plan.num_classes, device=device, precision=precision)
 
     def _autocast(self):
-        # fp16 is a CUDA setting: CPU kernels for it are slow or missing, so the CPU runs f32.
-        if self.precision == "f32" or (self.precision == "fp16" and self.device.type != "cuda"):
+        if self.precision == "f32":
             return contextlib.nullcontext()
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype)
