@@ -135,10 +135,15 @@ wheelhouse: .wheelhouse/cpu/.done .wheelhouse/gpu-$(TORCH_BUILD)/.done .wheelhou
 	$(PY) -m pip wheel -q --no-deps --no-build-isolation ./common -w .wheelhouse/flarebox
 	touch $@
 
-# flarebox-packages:<set>, rebuilt when its wheelhouse changes (docker's cache makes a rerun instant)
+# flarebox-packages:<set>, built again only when its wheelhouse or its Dockerfile is newer than the
+# image (a stamp beside the wheels), so that a pruned build cache costs no reinstall
+PACKAGES_STAMP = .wheelhouse/$(WHEEL_SET).image
 packages: base-image .wheelhouse/$(WHEEL_SET)/.done
-	docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) -f common/docker/packages.Dockerfile \
-	  -t $(TEAM)-packages:$(WHEEL_SET) .wheelhouse/$(WHEEL_SET)
+	@if docker image inspect $(TEAM)-packages:$(WHEEL_SET) >/dev/null 2>&1 && test $(PACKAGES_STAMP) -nt \
+	    .wheelhouse/$(WHEEL_SET)/.done && test $(PACKAGES_STAMP) -nt common/docker/packages.Dockerfile; then \
+	  echo "$(TEAM)-packages:$(WHEEL_SET) is up to date"; else \
+	  docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) -f common/docker/packages.Dockerfile \
+	    -t $(TEAM)-packages:$(WHEEL_SET) .wheelhouse/$(WHEEL_SET) && touch $(PACKAGES_STAMP); fi
 
 build: packages .wheelhouse/flarebox/.done
 	@df -P . | awk 'NR==2 && $$4 < 8*1024*1024 {print "less than 8 GB of free disk: not building"; exit 1}'
