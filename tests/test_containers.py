@@ -103,6 +103,19 @@ def test_runs_as_a_non_root_user(built, tmp_path):
     assert "telemetry" not in run.stderr.lower()
 
 
+def test_an_unreadable_input_folder_is_one_line(built, tmp_path):
+    """An inputs folder the container's --user may not list (root's, mode 0700): one line, exit 2."""
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir(mode=0o700)
+    outputs.mkdir()
+    os.chown(outputs, 1000, 1000)
+    write_image(inputs / "hidden_0000.nii.gz", ct_like((20, 48, 40)), spacing_xyz=(2, 2, 3))
+    run = docker_run(built, inputs, outputs, "--user", "1000:1000")
+    assert run.returncode == 2 and os.listdir(outputs) == []
+    assert "cannot read the input folder: Permission denied" in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
 def test_a_bad_case_fails_the_run_and_writes_nothing(built, tmp_path):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()

@@ -138,6 +138,7 @@ def _stage(case_image: Path, work: Path, owner: str | None = None) -> tuple[Path
     inputs = Path(tempfile.mkdtemp(prefix="inputs_", dir=work))
     outputs = Path(tempfile.mkdtemp(prefix="outputs_", dir=work))
     shutil.copy(case_image, inputs / case_image.name)
+    inputs.chmod(0o755)  # mkdtemp makes 0700: a container's non-root --user could not read it
     outputs.chmod(0o755)  # as the organisers create it: owned by the harness's user, 0755
     if owner is not None:
         uid, gid = (int(v) for v in owner.split(":"))

@@ -11,6 +11,7 @@ models load.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import tempfile
 import threading
@@ -294,6 +295,10 @@ def check_folders(input_dir: Path, output_dir: Path) -> None:
     be made or written (found by writing a probe file, which also catches read-only mounts)."""
     if not input_dir.is_dir():
         raise ConfigError(f"{input_dir}: " + ("not a folder" if input_dir.exists() else "no such input folder"))
+    try:
+        next(os.scandir(input_dir), None)
+    except OSError as error:
+        raise ConfigError(f"{input_dir}: cannot read the input folder: {error.strerror or error}") from error
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"{output_dir}: the output path is a file, not a folder")
     try:
