@@ -432,7 +432,8 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
     on_case: called with each written case and its timings (in the writer thread).
     skip_existing: leave out cases whose output is already there (a rerun after an interruption).
     budget: the memory budget (memory.py); by default the predictor's configuration's, known only
-        once a predictor built by a function exists, so the first case's read is then not checked.
+        once a predictor built by a function exists: the first case's read is then not checked,
+        only its work.
     Raises ConfigError, before any case is read, when the folders are unusable, and Stopped when
     SIGTERM or SIGINT arrives (while `stop_on_signals` is active): the write in flight is completed,
     no case is left half-written, and the cases not done are simply missing.
@@ -469,7 +470,8 @@ def run_folder(predictor: Predictor | Callable[[], Predictor], input_dir: Path, 
             try:
                 with timings.stage("read"):
                     volume = read.volume.result()
-                if read.need is not None and (reason := reads.budget.refusal(read.need.work)):
+                need = read.need or reads.budget.need(case.path)  # the first case's, read before the budget
+                if need is not None and (reason := reads.budget.refusal(need.work)):
                     raise CaseError(case.path, reason)
                 labels = predictor.labels(volume, timings)
             except Exception as error:
