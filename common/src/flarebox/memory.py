@@ -35,12 +35,10 @@ def cgroup_limit_bytes(paths: tuple[str, ...] = _CGROUP_LIMITS) -> int | None:
     for path in paths:
         try:
             text = Path(path).read_text().strip()
-        except OSError:
+            value = None if text == "max" else int(text)
+        except (OSError, ValueError):
             continue
-        if text == "max":
-            return None
-        value = int(text)
-        return value if value < 2**60 else None  # cgroup v1 writes 'no limit' as a huge number
+        return value if value is not None and value < 2**60 else None  # v1: 'no limit' is a huge number
     return None
 
 
