@@ -147,8 +147,10 @@ packages: base-image .wheelhouse/$(WHEEL_SET)/.done
 
 build: packages .wheelhouse/flarebox/.done
 	@df -P . | awk 'NR==2 && $$4 < 8*1024*1024 {print "less than 8 GB of free disk: not building"; exit 1}'
-	docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) \
-	  --build-arg PACKAGES=$(TEAM)-packages:$(WHEEL_SET) -f $(TASK)/Dockerfile -t $(IMAGE) .
+	docker build -q --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) -f common/docker/flarebox.Dockerfile \
+	  -t $(TEAM)-site:latest .wheelhouse/flarebox
+	docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg PACKAGES=$(TEAM)-packages:$(WHEEL_SET) \
+	  --build-arg SITE=$(TEAM)-site:latest -f $(TASK)/Dockerfile -t $(IMAGE) .
 	@docker image inspect $(IMAGE) --format '$(IMAGE): {{.Size}} bytes' | awk '{printf "%s %.0f MB\n", $$1, $$2/1e6}'
 
 build-all:
