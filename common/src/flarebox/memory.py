@@ -143,6 +143,7 @@ class Budget:
                  gate: tuple[list[ModelPlan], TaskConfig] | None = None) -> None:
         self.plans, self.config, self.gate = plans, config, gate
         self.limit, self.source = limit_bytes(config.inference.memory_limit_gb)
+        self._needs: dict[Path, Need | None] = {}  # a header is read once, though asked about twice
 
     @classmethod
     def from_config(cls, config: TaskConfig) -> Budget:
@@ -159,8 +160,11 @@ class Budget:
     def need(self, path: Path) -> Need | None:
         """The case's need; None where its header does not describe a 3D grid (reading it says why).
         Raises CaseError for a file that is no readable NIfTI, as reading it would."""
-        header = read_header(path)
-        return None if header is None else estimate(header, self.plans, self.config, self.gate)
+        path = Path(path)
+        if path not in self._needs:
+            header = read_header(path)
+            self._needs[path] = None if header is None else estimate(header, self.plans, self.config, self.gate)
+        return self._needs[path]
 
     def refusal(self, extra_bytes: int) -> str | None:
         """Why `extra_bytes` more cannot be taken now, or None when they fit."""
