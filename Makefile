@@ -20,13 +20,14 @@ OUT ?= outputs/$(TASK)
 .PHONY: venv nnunet-env test lint predict bench bench-train bench-memory soak evaluate demo-weights clean
 
 venv: $(VENV)/.done
-$(VENV)/.done: common/pyproject.toml common/constraints.txt
+$(VENV)/.done: common/pyproject.toml tools/pyproject.toml common/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel on disk; an unpinned resolve would fetch a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps dynamic-network-architectures==0.4.4
-	$(PY) -m pip install -q -c common/constraints.txt -e 'common[torch,quantize,dev]'
+	# the runtime (what images install) and the host-side tools beside it, both editable
+	$(PY) -m pip install -q -c common/constraints.txt -e 'common[torch]' -e 'tools[dev]'
 	touch $@
 
 # nnU-Net v2 itself, test-only, in its own environment (parity tests and benchmarks).
@@ -36,7 +37,7 @@ $(NNUNET_VENV)/.done: tests/reference/make_nnunet_env.sh tests/reference/require
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check --config common/pyproject.toml common tests
+	$(VENV)/bin/ruff check --config common/pyproject.toml common tools tests
 
 test: venv nnunet-env lint
 	$(PY) -m pytest -q tests
@@ -47,29 +48,29 @@ predict: venv
 	INPUT_DIR="$(abspath $(IN))" OUTPUT_DIR="$(abspath $(OUT))" PATH="$(abspath $(VENV))/bin:$$PATH" sh $(TASK)/predict.sh
 
 bench: venv nnunet-env
-	$(PY) -m tests.bench.task2 $(BENCH_ARGS)
+	$(PY) -m flarebox_tools.bench.task2 $(BENCH_ARGS)
 
 # Training throughput: steps/s of each demo network, trainer against a bare torch loop, and the levers
 bench-train: venv
-	$(PY) -m tests.bench.train $(BENCH_ARGS)
+	$(PY) -m flarebox_tools.bench.train $(BENCH_ARGS)
 
 # Consecutive organiser-style container runs over good and bad cases: lost cases, time and memory growth
 RUNS ?= 100
 soak: engine
-	$(PY) -m tests.bench.soak --task $(TASK) --runs $(RUNS) --image $(IMAGE)
+	$(PY) -m flarebox_tools.bench.soak --task $(TASK) --runs $(RUNS) --image $(IMAGE)
 
 # The memory budget's estimate (from a case's header) against measured peaks, per task and case kind
 bench-memory: venv
-	$(PY) -m tests.bench.memory $(BENCH_ARGS)
+	$(PY) -m flarebox_tools.bench.memory $(BENCH_ARGS)
 
-# The organisers' evaluation (tests/harness, host-side): one container run per case with the built
+# The organisers' evaluation (tools/src/flarebox_tools/evaluation, host-side): one container run per case with the built
 # image, or the local predict path where no engine or image is there (the report says which), timed
 # and sampled, then FLARE DSC/NSD per class; cases.csv, summary.md and PNGs in REPORT.
 # PRED=dir scores an existing folder of <case>.nii.gz instead of running anything (IN optional then).
 REPORT ?= reports/$(TASK)
 evaluate: venv
 	@test -n "$(GT)" || { echo "GT=folder of reference labels is required"; exit 2; }
-	$(PY) -m tests.harness -t $(TASK) -g "$(GT)" -r "$(REPORT)" \
+	$(PY) -m flarebox_tools.evaluation -t $(TASK) -g "$(GT)" -r "$(REPORT)" \
 	  $(if $(PRED),-p "$(PRED)" $(if $(filter command line environment,$(origin IN)),-i "$(IN)"),-i "$(IN)") $(EVAL_ARGS)
 
 clean:
@@ -174,9 +175,9 @@ save-all:
 # a killed process, a session's end), the same command goes on from the last checkpoint. Durations
 # on a 2-core CPU are in docs/training.md.
 demo-weights: venv
-	$(PY) -m flarebox.training.demo --task task2 --out task2_cpu_organs/weights/model --work .cache/demo/task2 \
+	$(PY) -m flarebox_tools.training.demo --task task2 --out task2_cpu_organs/weights/model --work .cache/demo/task2 \
 	    --train-cases 60 --config task2_cpu_organs/config.toml
-	$(PY) -m flarebox.training.demo --task task1 --out task1_pancancer/weights/model --work .cache/demo/task1 \
+	$(PY) -m flarebox_tools.training.demo --task task1 --out task1_pancancer/weights/model --work .cache/demo/task1 \
 	    --config task1_pancancer/config.toml
-	$(PY) -m flarebox.training.transfer_demo --out task3_mri_transfer/weights/model \
+	$(PY) -m flarebox_tools.training.transfer_demo --out task3_mri_transfer/weights/model \
 	    --mind-out task3_mri_transfer/weights/mind_model --work .cache/demo/task3

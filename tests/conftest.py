@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flarebox.models import load_plan
-from tests import nnunet_fixtures
-from tests.images import ct_like, write_image
+from flarebox_tools import nnunet_folders
+from flarebox_tools.synthetic import ct_like, write_image
 
 # The real CT (../shared/data/real) is bundled as the sample input; its labels stay in shared/.
 REAL_CT = Path(__file__).resolve().parent / "data" / "inputs" / "ts_ct_sm_0000.nii.gz"
@@ -32,14 +32,14 @@ REAL_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" /
 @pytest.fixture(scope="session")
 def tiny_torch_model_dir(tmp_path_factory) -> Path:
     """A tiny PlainConvUNet (14 classes, CT normalisation) as nnU-Net writes it."""
-    return nnunet_fixtures.make_trained_model_folder(tmp_path_factory.mktemp("models") / "tiny",
-                                                     **nnunet_fixtures.TINY_PLAIN)
+    return nnunet_folders.make_trained_model_folder(tmp_path_factory.mktemp("models") / "tiny",
+                                                     **nnunet_folders.TINY_PLAIN)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_torch_model_dir, tmp_path_factory) -> Path:
     """The tiny model with its OpenVINO f32 and INT8 IR added."""
-    from flarebox.convert import convert_model
+    from flarebox_tools.convert import convert_model
 
     folder = tiny_torch_model_dir
     calib = tmp_path_factory.mktemp("calib")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from flarebox.phantoms import Phantom, generate_case
+from flarebox_tools.phantoms import Phantom, generate_case
 
 ROOT = Path(__file__).resolve().parents[1]
 PANEL = 300  # pixels per panel side

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.images import ct_like, oblique, write_image
+from flarebox_tools.synthetic import ct_like, oblique, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"task2_cpu_organs": "8G", "task1_pancancer": "28G", "task3_mri_transfer": "28G"}
@@ -89,6 +89,25 @@ def test_one_case_per_run_equals_local_predict(built, tmp_path):
         assert os.listdir(outputs) == [expected]  # nothing else: no logs, no temporary files
         assert digest(inputs) == before  # inputs untouched
         assert (outputs / expected).read_bytes() == (local_out / expected).read_bytes()
+
+
+def test_the_image_holds_the_runtime_only(built):
+    """The images carry flarebox's runtime wing, not the host-side tools (training, phantoms,
+    evaluation, benchmarks, conversion); Task 2's has no torch either."""
+    probe = ("import importlib.util as u, pathlib, flarebox; "
+             "print(sorted(p.stem for p in pathlib.Path(flarebox.__file__).parent.rglob('*.py'))); "
+             "print(u.find_spec('flarebox_tools') is None, u.find_spec('torch') is None, "
+             "u.find_spec('nncf') is None, u.find_spec('matplotlib') is None)")
+    run = subprocess.run(["docker", "container", "run", "--rm", "--network", "none", image_name(built), "python3",
+                          "-c", probe], capture_output=True, text=True, check=False, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    modules, flags = run.stdout.splitlines()
+    for tool in ("trainer", "phantoms", "metrics", "convert", "evaluate", "demo"):
+        assert f"'{tool}'" not in modules, modules
+    assert "'pipeline'" in modules and "'sliding_window'" in modules
+    no_tools, no_torch, no_nncf, no_matplotlib = (flag == "True" for flag in flags.split())
+    assert no_tools and no_nncf and no_matplotlib
+    assert no_torch == (built == "task2_cpu_organs")
 
 
 def test_runs_as_a_non_root_user(built, tmp_path):

@@ -23,14 +23,14 @@ device = "cpu"
 
 
 def test_torchrun_two_ranks_train_in_sync_and_rank0_writes(tmp_path):
-    from flarebox.phantoms import write_dataset
+    from flarebox_tools.phantoms import write_dataset
 
     raw = write_dataset(tmp_path / "raw", 3, 0, spacing_zyx_mm=(4.0, 4.0, 4.0))
     (tmp_path / "train.toml").write_text(TRAIN_TOML)
     model, logs = tmp_path / "model", tmp_path / "logs"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "--log-dir", str(logs), "--tee", "3",
-           "-m", "flarebox.training", "train", "--dataset", str(raw), "--out", str(model),
+           "-m", "flarebox_tools.training", "--dataset", str(raw), "--out", str(model),
            "--config", str(tmp_path / "train.toml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)

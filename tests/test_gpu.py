@@ -34,11 +34,11 @@ def test_cuda_fp16_matches_cpu_f32(tiny_torch_model_dir):
 def test_published_network_patch_fits_in_4_gb_fp16(tmp_path, preset):
     from flarebox.backends import load_backend
     from flarebox.models import load_plan
-    from tests import nnunet_fixtures
+    from flarebox_tools import nnunet_folders
 
-    if not hasattr(nnunet_fixtures, preset):
+    if not hasattr(nnunet_folders, preset):
         pytest.skip(f"no preset {preset}")
-    folder = nnunet_fixtures.make_trained_model_folder(tmp_path / preset, **getattr(nnunet_fixtures, preset))
+    folder = nnunet_folders.make_trained_model_folder(tmp_path / preset, **getattr(nnunet_folders, preset))
     plan = load_plan(folder)
     torch.cuda.reset_peak_memory_stats()
     backend = load_backend(plan, backend="torch", device="cuda", precision="fp16")
@@ -81,10 +81,10 @@ def test_task1_case_within_budget_reports_peak(tmp_path):
     from flarebox import io
     from flarebox.config import from_dict
     from flarebox.pipeline import Predictor, Timings
-    from tests import nnunet_fixtures
-    from tests.images import ct_like, write_image
+    from flarebox_tools import nnunet_folders
+    from flarebox_tools.synthetic import ct_like, write_image
 
-    model = nnunet_fixtures.make_trained_model_folder(tmp_path / "t1", **nnunet_fixtures.FLARE_TASK1_RESENC)
+    model = nnunet_folders.make_trained_model_folder(tmp_path / "t1", **nnunet_folders.FLARE_TASK1_RESENC)
     predictor = Predictor.from_config(from_dict(
         {"model": {"folder": str(model)},
          "inference": {"backend": "torch", "device": "cuda", "precision": "fp16", "gpu_memory_gb": 3.5}}, tmp_path))

@@ -1,6 +1,6 @@
-"""The evaluation harness (tests/harness), run for real: Task 2's own predict.sh with its bundled demo
+"""The evaluation harness (flarebox_tools.evaluation), run for real: Task 2's own predict.sh with its bundled demo
 model on tiny phantoms, a broken case among them, the report read back and checked against
-flarebox.metrics on the same files. The Docker path runs where an engine is reachable; in CI (where
+flarebox_tools.metrics on the same files. The Docker path runs where an engine is reachable; in CI (where
 .ci/run starts one) its absence is an error, not a skip.
 """
 
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from flarebox.metrics import ORGAN_NAMES, score_files
-from flarebox.phantoms import write_dataset
-from tests.harness import run
-from tests.harness.evaluate import HarnessError, choose_path, evaluate
-from tests.harness.monitor import GpuSampler, cgroup_paths, gpu_available
-from tests.harness.report import TASK_LIMITS, CaseRow, Limits, flag_limits, read_csv
+from flarebox_tools.evaluation import run
+from flarebox_tools.evaluation.evaluate import HarnessError, choose_path, evaluate
+from flarebox_tools.evaluation.monitor import GpuSampler, cgroup_paths, gpu_available
+from flarebox_tools.evaluation.report import TASK_LIMITS, CaseRow, Limits, flag_limits, read_csv
+from flarebox_tools.metrics import ORGAN_NAMES, score_files
+from flarebox_tools.phantoms import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "task2_cpu_organs"
@@ -139,12 +139,13 @@ def test_command_line_scoring_only_exits_1_when_a_case_failed(local_run, dataset
     _, _, out = local_run
     _, labels = dataset
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "common" / "src"), str(ROOT)])}
-    result = subprocess.run([sys.executable, "-m", "tests.harness", "-t", TASK, "-g", str(labels), "-r",
+    result = subprocess.run([sys.executable, "-m", "flarebox_tools.evaluation", "-t", TASK, "-g", str(labels), "-r",
                              str(tmp_path / "r"), "-p", str(out / "work" / "predictions")],
                             capture_output=True, text=True, cwd=ROOT, env=env, check=False, timeout=120)
     assert result.returncode == 1, result.stderr
     assert "phantom_0100b: FAILED (no prediction)" in result.stdout and "3 cases, 1 failed" in result.stdout
-    missing = subprocess.run([sys.executable, "-m", "tests.harness", "-t", TASK, "-g", str(tmp_path / "nowhere"),
+    missing = subprocess.run([sys.executable, "-m", "flarebox_tools.evaluation", "-t", TASK,
+                              "-g", str(tmp_path / "nowhere"),
                               "-r", str(tmp_path / "r2"), "-i", str(tmp_path)],
                              capture_output=True, text=True, cwd=ROOT, env=env, check=False, timeout=120)
     assert missing.returncode == 2 and missing.stderr.strip().endswith("no such folder of reference labels")

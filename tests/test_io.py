@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from flarebox import io
 from flarebox.errors import CaseError
-from tests.images import LPS, RAS, oblique, write_image
+from flarebox_tools.synthetic import LPS, RAS, oblique, write_image
 
 
 def test_discover_follows_the_naming_convention(tmp_path):

@@ -14,8 +14,8 @@ from flarebox import io, memory, pipeline
 from flarebox.config import from_dict, load_config
 from flarebox.memory import Budget
 from flarebox.pipeline import Predictor, run_folder
-from tests.bench.memory import measure
-from tests.images import ct_like, oblique, write_image
+from flarebox_tools.bench.memory import measure
+from flarebox_tools.synthetic import ct_like, oblique, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from flarebox import metrics
-from flarebox.metrics import (
+from flarebox_tools import metrics
+from flarebox_tools.metrics import (
     LESION_TOLERANCE_MM,
     ORGAN_NAMES,
     ORGAN_TOLERANCE_MM,
@@ -19,7 +19,7 @@ from flarebox.metrics import (
     score_class,
     score_files,
 )
-from tests.images import RAS, write_image
+from flarebox_tools.synthetic import RAS, write_image
 
 sd = pytest.importorskip("surface_distance")  # DeepMind's package (PyPI surface-distance 0.1)
 

@@ -21,7 +21,7 @@ def smooth_field(shape_zyx, spacing_zyx_mm, dtype=torch.float64) -> torch.Tensor
 
 @pytest.fixture(scope="module")
 def mri_phantom():
-    from flarebox.phantoms import generate_case
+    from flarebox_tools.phantoms import generate_case
 
     phantom = generate_case(3, modality="t1", spacing_zyx_mm=(4.0, 4.0, 4.0))
     return torch.from_numpy(phantom.image_zyx.astype(np.float32)), phantom.spacing_zyx_mm
@@ -148,9 +148,9 @@ def test_cuda_matches_cpu(mri_phantom):
 def mind_model_dir(tmp_path_factory):
     """A tiny 12-channel (MIND-SSC) model folder with random weights, as the trainer writes it."""
     from flarebox.models import build_network, load_plan, save_checkpoint
-    from flarebox.phantoms import ORGAN_LABELS
-    from flarebox.training.config import NetworkSpec
-    from flarebox.training.plans import write_plans
+    from flarebox_tools.phantoms import ORGAN_LABELS
+    from flarebox_tools.training.config import NetworkSpec
+    from flarebox_tools.training.plans import write_plans
 
     folder = tmp_path_factory.mktemp("mind_model")
     spec = NetworkSpec(features_per_stage=(4, 8, 16), strides_zyx=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
@@ -165,7 +165,7 @@ def mind_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mri_file(tmp_path_factory):
-    from flarebox.phantoms import generate_case, write_case
+    from flarebox_tools.phantoms import generate_case, write_case
 
     phantom = generate_case(5, modality="t2", spacing_zyx_mm=(5.0, 4.0, 4.0), orientation="ras")
     return write_case(phantom, tmp_path_factory.mktemp("mri"), None, "mri_0001")

@@ -21,7 +21,7 @@ from flarebox.backends import load_backend
 from flarebox.models import load_plan
 from flarebox.preprocess import preprocess
 from flarebox.sliding_window import predict_logits
-from tests import nnunet_fixtures
+from flarebox_tools import nnunet_folders
 from tests.conftest import REAL_CT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def nnunet_logits(model: Path, data: np.ndarray, tmp_path: Path, step: float, fl
 
 
 def ours_and_input(tmp_path: Path, preset: str, step: float) -> tuple[Path, np.ndarray, np.ndarray]:
-    model = nnunet_fixtures.make_trained_model_folder(tmp_path / "model", seed=3, **getattr(nnunet_fixtures, preset))
+    model = nnunet_folders.make_trained_model_folder(tmp_path / "model", seed=3, **getattr(nnunet_folders, preset))
     plan = load_plan(model)
     volume = io.read_image(REAL_CT)
     data = preprocess(volume.array_zyx, volume.geometry.spacing_zyx_mm, plan).data

@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from flarebox import phantoms
-from flarebox.metrics import ORGAN_NAMES
-from flarebox.phantoms import (
+from flarebox_tools import phantoms
+from flarebox_tools.metrics import ORGAN_NAMES
+from flarebox_tools.phantoms import (
     ORGAN_LABELS,
     PHASES,
     generate_case,

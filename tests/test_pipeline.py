@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from flarebox.config import from_dict
 from flarebox.errors import ConfigError
 from flarebox.pipeline import Predictor, run_folder
-from tests.images import LPS, RAS, ct_like, oblique, write_image
+from flarebox_tools.synthetic import LPS, RAS, ct_like, oblique, write_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -317,7 +317,7 @@ def _real_volume():
 def test_ensemble_of_model_folders_averages_their_logits(tiny_torch_model_dir, tmp_path):
     from flarebox.export import to_original_grid
     from flarebox.preprocess import preprocess
-    from tests import nnunet_fixtures
+    from flarebox_tools import nnunet_folders
 
     volume = _real_volume()
     single = Predictor.from_config(from_dict(_torch_config(tiny_torch_model_dir), Path.cwd()))
@@ -326,7 +326,7 @@ def test_ensemble_of_model_folders_averages_their_logits(tiny_torch_model_dir, t
     assert len(twice.models) == 2
     np.testing.assert_array_equal(twice.segment(volume), single.segment(volume))  # the mean of equals
 
-    other = nnunet_fixtures.make_trained_model_folder(tmp_path / "other", **nnunet_fixtures.TINY_PLAIN, seed=7)
+    other = nnunet_folders.make_trained_model_folder(tmp_path / "other", **nnunet_folders.TINY_PLAIN, seed=7)
     pair = Predictor.from_config(from_dict(
         _torch_config(tiny_torch_model_dir, model={"ensemble": [str(other)]}), Path.cwd()))
     alone = Predictor.from_config(from_dict(_torch_config(other), Path.cwd()))
@@ -334,8 +334,8 @@ def test_ensemble_of_model_folders_averages_their_logits(tiny_torch_model_dir, t
     mean = (single._logits(pre.data, single.models[0], None) + alone._logits(pre.data, alone.models[0], None)) / 2
     np.testing.assert_array_equal(pair.segment(volume), to_original_grid(mean, pre))
 
-    coarse = nnunet_fixtures.make_trained_model_folder(
-        tmp_path / "coarse", **{**nnunet_fixtures.TINY_PLAIN, "spacing_zyx_mm": (4.0, 4.0, 4.0)})
+    coarse = nnunet_folders.make_trained_model_folder(
+        tmp_path / "coarse", **{**nnunet_folders.TINY_PLAIN, "spacing_zyx_mm": (4.0, 4.0, 4.0)})
     with pytest.raises(ConfigError, match="spacing_zyx_mm"):
         Predictor.from_config(from_dict(
             _torch_config(tiny_torch_model_dir, model={"ensemble": [str(coarse)]}), Path.cwd()))

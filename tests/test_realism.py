@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from flarebox.training.realism import compare, organ_statistics
+from flarebox_tools.training.realism import compare, organ_statistics
 from tests.conftest import REAL_CT
 
 
@@ -33,7 +33,7 @@ def test_organ_statistics_on_a_hand_made_case():
 def test_compare_puts_a_scan_beside_phantoms(tmp_path):
     """A 'real' scan (here the sample CT with a hand-made liver label) beside two phantoms: the organs
     of either side get a row, and what the scan lacks says so."""
-    from flarebox.phantoms import write_dataset
+    from flarebox_tools.phantoms import write_dataset
 
     phantoms = write_dataset(tmp_path / "ph", 2, 0, spacing_zyx_mm=(4.0, 4.0, 4.0))
     ct = sitk.ReadImage(str(REAL_CT))

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from flarebox.errors import ConfigError
-from flarebox.training.augment import SpatialSettings, centre_crop, intensity, spatial, spatial_margin
-from flarebox.training.config import NetworkSpec, TrainConfig, load_config
-from flarebox.training.data import TrainingCase, class_locations, resample_labels, split_cases
-from flarebox.training.loss import deep_supervision_loss, deep_supervision_weights, dice_ce
-from flarebox.training.sampling import crop, rank_batch_size, sample_batch
-from flarebox.training.trainer import labelled_mask, poly_lr
+from flarebox_tools.training.augment import SpatialSettings, centre_crop, intensity, spatial, spatial_margin
+from flarebox_tools.training.config import NetworkSpec, TrainConfig, load_config
+from flarebox_tools.training.data import TrainingCase, class_locations, resample_labels, split_cases
+from flarebox_tools.training.loss import deep_supervision_loss, deep_supervision_weights, dice_ce
+from flarebox_tools.training.sampling import crop, rank_batch_size, sample_batch
+from flarebox_tools.training.trainer import labelled_mask, poly_lr
 from tests.conftest import TINY_NETWORK_TOML
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,8 +220,8 @@ def test_label_resampling_keeps_thin_structures_and_splits_are_disjoint():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Three phantoms, a tiny network, 6 short epochs."""
-    from flarebox.phantoms import write_dataset
-    from flarebox.training.trainer import train
+    from flarebox_tools.phantoms import write_dataset
+    from flarebox_tools.training.trainer import train
 
     root = tmp_path_factory.mktemp("train")
     raw = write_dataset(root / "raw", 3, 0, spacing_zyx_mm=(4.0, 4.0, 4.0))
@@ -281,7 +281,7 @@ def _train_command(trained, model: Path, toml: Path, *extra: str) -> list[str]:
     import sys
 
     root, _ = trained
-    return [sys.executable, "-m", "flarebox.training", "train", "--dataset", str(root / "raw"), "--out", str(model),
+    return [sys.executable, "-m", "flarebox_tools.training", "--dataset", str(root / "raw"), "--out", str(model),
             "--config", str(toml), "--cache", str(root / "cache"), *extra]
 
 
@@ -369,7 +369,7 @@ def test_a_finished_run_is_not_retrained_and_restart_or_another_seed_says_so(tra
 
 
 def test_init_weights_start_from_a_checkpoint_and_a_wrong_one_is_one_line(trained, tmp_path):
-    from flarebox.training.trainer import train
+    from flarebox_tools.training.trainer import train
 
     root, path = trained
     config = TrainConfig(epochs=1, iterations_per_epoch=1, batch_size=2, validation_cases=1, device="cpu",
@@ -389,7 +389,7 @@ def test_bf16_autocast_follows_f32_over_a_few_steps(trained, tmp_path):
     """The CPU bf16 path (forced here; by default only CPUs with native bf16 take it) trains like f32
     from the same weights and batches: its losses differ, as bf16 must, but by less than 3 %."""
     root, _ = trained
-    from flarebox.training.trainer import train
+    from flarebox_tools.training.trainer import train
 
     losses = {}
     for dtype in ("bfloat16", "float16"):
@@ -405,7 +405,7 @@ def test_bf16_autocast_follows_f32_over_a_few_steps(trained, tmp_path):
 
 
 def test_autocast_dtype_by_device_and_cpu():
-    from flarebox.training.trainer import autocast_dtype, cpu_has_native_bf16
+    from flarebox_tools.training.trainer import autocast_dtype, cpu_has_native_bf16
 
     assert autocast_dtype(TrainConfig(), torch.device("cuda", 0)) == torch.float16
     assert autocast_dtype(TrainConfig(amp=False), torch.device("cuda", 0)) is None
@@ -417,9 +417,9 @@ def test_autocast_dtype_by_device_and_cpu():
 def test_batches_are_a_function_of_the_step_whoever_makes_them(trained):
     """The same step gives the same batch inline, in a worker process, and from a later start."""
     from flarebox.models import load_plan
-    from flarebox.training.augment import SpatialSettings, spatial_margin
-    from flarebox.training.data import cache_folder, load_cached
-    from flarebox.training.loader import BatchRecipe, batches
+    from flarebox_tools.training.augment import SpatialSettings, spatial_margin
+    from flarebox_tools.training.data import cache_folder, load_cached
+    from flarebox_tools.training.loader import BatchRecipe, batches
 
     root, _ = trained
     plan = load_plan(root / "model")
@@ -462,7 +462,7 @@ def test_nnunet_predictor_loads_the_model_folder(trained, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_training_uses_fp16_autocast_and_grad_scaling(trained, tmp_path):
-    from flarebox.training.trainer import train
+    from flarebox_tools.training.trainer import train
 
     root, _ = trained
     config = TrainConfig(epochs=2, iterations_per_epoch=3, batch_size=2, validation_cases=1, device="cuda",

@@ -17,8 +17,8 @@ import pytest
 import SimpleITK as sitk
 
 from flarebox.errors import CaseError
-from flarebox.training.config import NetworkSpec, TrainConfig
-from flarebox.training.transfer import (
+from flarebox_tools.training.config import NetworkSpec, TrainConfig
+from flarebox_tools.training.transfer import (
     TransferConfig,
     carry_labels,
     list_mri,
@@ -27,7 +27,7 @@ from flarebox.training.transfer import (
     run,
     select_complete,
 )
-from flarebox.training.transfer_demo import in_scanner_frame, write_mri_patients
+from flarebox_tools.training.transfer_demo import in_scanner_frame, write_mri_patients
 
 TINY = NetworkSpec(features_per_stage=(4, 8, 16), strides_zyx=((1, 1, 1), (2, 2, 2), (2, 2, 2)),
                    kernel_sizes_zyx=((3, 3, 3),) * 3, blocks_per_stage=(1, 1, 1), spacing_zyx_mm=(8.0, 8.0, 8.0),
@@ -61,7 +61,7 @@ def test_organ_complete_filter_counts_organs_with_enough_voxels():
 
 
 def test_registration_recovers_a_known_patient_motion():
-    from flarebox.phantoms import generate_patient_sequences
+    from flarebox_tools.phantoms import generate_patient_sequences
 
     moved = generate_patient_sequences(7, ("t1", "t2"), spacing_zyx_mm=(4.0, 3.0, 3.0), max_shift_mm=6.0,
                                        max_rotation_deg=4.0)
@@ -103,7 +103,7 @@ def test_registration_recovers_a_known_patient_motion():
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory):
-    from flarebox.phantoms import write_dataset
+    from flarebox_tools.phantoms import write_dataset
 
     root = tmp_path_factory.mktemp("transfer")
     ct = write_dataset(root / "ct", 3, 0, spacing_zyx_mm=(6.0, 6.0, 6.0))
@@ -151,7 +151,7 @@ def test_a_rerun_skips_done_steps_and_redoes_only_an_unfinished_one(pipeline_run
     carried = work / "5_carried_labels" / "mri0100_t2.nii.gz"
     (work / "5_carried_labels.done.json").unlink()
     carried.unlink()
-    with caplog.at_level(logging.INFO, logger="flarebox.training"):
+    with caplog.at_level(logging.INFO, logger="flarebox_tools.training"):
         run(root / "ct", root / "mri", work, config, root / "truth")
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 5 and not any("5_carried_labels" in m for m in skipped)
@@ -170,7 +170,7 @@ def test_task3_predict_sh_runs_both_modes_on_an_mri(config_name, features, tmp_p
     """predict.sh (dash) with the shipped demo weights: the final model, and the zero-shot MIND model."""
     from flarebox.config import load_config
     from flarebox.models import load_plan
-    from flarebox.phantoms import generate_case, write_case
+    from flarebox_tools.phantoms import generate_case, write_case
 
     config = load_config(TASK3 / config_name)
     assert config.preprocess.features == features and config.inference.backend == "torch"

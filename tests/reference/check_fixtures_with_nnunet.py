@@ -1,4 +1,4 @@
-"""Proof that nnU-Net v2 itself takes our fixture model folders (tests/nnunet_fixtures.py).
+"""Proof that nnU-Net v2 itself takes our fixture model folders (tests/nnunet_folders.py).
 
 Run with the nnU-Net environment's python, from anywhere:
     .venv-nnunet/bin/python tests/reference/check_fixtures_with_nnunet.py [--image X_0000.nii.gz] [--quick]
@@ -107,7 +107,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
-    from tests import nnunet_fixtures as fx
+    from flarebox_tools import nnunet_folders as fx
 
     required = ["TINY_PLAIN", "TINY_RESENC"] + ([] if args.quick else ["FLARE_TASK2_PLAIN"])
     cases = [(name, "current", True) for name in required]

@@ -1,6 +1,7 @@
-"""Command line: `flarebox predict -i IN -o OUT -c task/config.toml` and `flarebox convert MODEL`.
+"""Command line: `flarebox predict -i IN -o OUT -c task/config.toml` (and `flarebox warmup`).
 
-The Python API mirrors it: `Predictor.from_config(load_config(...))` and `convert_model(...)`.
+The Python API mirrors it: `run_folder(Predictor.from_config(load_config(...)), IN, OUT)`. The
+host-side tools (conversion, evaluation, training, phantoms) are `flarebox-tools`, not in images.
 """
 
 from __future__ import annotations
@@ -76,18 +77,6 @@ def _warmup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from flarebox.convert import convert_model
-
-    images = [Path(p) for p in args.calibration]
-    if args.calibration_dir:
-        images += sorted(Path(args.calibration_dir).glob("*.nii.gz"))
-    manifest = convert_model(args.model, folds=tuple(args.folds) if args.folds else None,
-                             calibration_images=images, tiles_per_image=args.tiles_per_image)
-    logging.getLogger("flarebox").info("wrote %s", manifest)
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="flarebox", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
@@ -113,13 +102,6 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("-c", "--config", required=True)
     w.set_defaults(run=_warmup)
 
-    c = sub.add_parser("convert", help="convert a model folder to OpenVINO IR (optionally INT8)")
-    c.add_argument("model", help="model folder")
-    c.add_argument("--folds", type=int, nargs="+")
-    c.add_argument("--calibration", nargs="*", default=[], help="images (_0000.nii.gz) for INT8 calibration")
-    c.add_argument("--calibration-dir", help="a folder of calibration images")
-    c.add_argument("--tiles-per-image", type=int, default=4)
-    c.set_defaults(run=_convert)
     return top
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.harness.report import CaseRow, Limits, class_names
+from flarebox_tools.evaluation.report import CaseRow, Limits, class_names
 
 
 def matplotlib_available() -> bool:

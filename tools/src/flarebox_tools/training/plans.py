@@ -13,7 +13,7 @@ from pathlib import Path
 from flarebox.errors import ConfigError
 from flarebox.mind import CHANNEL_NAMES as MIND_CHANNEL_NAMES
 from flarebox.models import Normalization, unet_architecture, write_model_folder
-from flarebox.training.config import NetworkSpec
+from flarebox_tools.training.config import NetworkSpec
 
 
 def normalization_of(spec: NetworkSpec) -> Normalization:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flarebox.training.augment import SpatialSettings, centre_crop, intensity, is_flat, spatial
-from flarebox.training.data import TrainingCase
-from flarebox.training.sampling import sample_batch
+from flarebox_tools.training.augment import SpatialSettings, centre_crop, intensity, is_flat, spatial
+from flarebox_tools.training.data import TrainingCase
+from flarebox_tools.training.sampling import sample_batch
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """GPU benchmark for tasks 1 and 3 (torch, fp16 on CUDA): time per case, peak GPU memory, and where
 logits were summed, for the published networks (random weights) on synthetic CTs of growing size.
 
-    python -m tests.bench.gpu                       # Task 1 ResEnc at 100..1000 slices, Task 3 PlainConvUNet
-    python -m tests.bench.gpu --budget-gb 3.5 --slices 300 1000
+    python -m flarebox_tools.bench.gpu                       # Task 1 ResEnc at 100..1000 slices, Task 3 PlainConvUNet
+    python -m flarebox_tools.bench.gpu --budget-gb 3.5 --slices 300 1000
 
 Each case runs through `Predictor.segment` as a container runs it; the figures are what the CLI's
 progress line prints. Needs a CUDA device.
@@ -25,10 +25,10 @@ def run(task: str, preset: str, slices: list[int], in_plane: int, spacing_xyz: t
     from flarebox import io
     from flarebox.config import from_dict
     from flarebox.pipeline import Predictor, Timings
-    from tests import nnunet_fixtures
-    from tests.images import ct_like, write_image
+    from flarebox_tools import nnunet_folders
+    from flarebox_tools.synthetic import ct_like, write_image
 
-    model = nnunet_fixtures.make_trained_model_folder(workdir / preset, **getattr(nnunet_fixtures, preset))
+    model = nnunet_folders.make_trained_model_folder(workdir / preset, **getattr(nnunet_folders, preset))
     config = from_dict({"model": {"folder": str(model)},
                         "inference": {"backend": "torch", "device": "cuda", "precision": "fp16",
                                       "gpu_memory_gb": budget_gb}}, workdir)

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flarebox import io
-from tests.harness import figures as figs
-from tests.harness import run
-from tests.harness.monitor import gpu_available
-from tests.harness.report import (
+from flarebox_tools.evaluation import figures as figs
+from flarebox_tools.evaluation import run
+from flarebox_tools.evaluation.monitor import gpu_available
+from flarebox_tools.evaluation.report import (
     TASK_LIMITS,
     CaseRow,
     Limits,

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from flarebox_tools.paths import REPO as ROOT
+
 # backend:precision[:option=value,...]; options: body (crop to voxels above this HU), fit (1: fitted
 # tile), step (tile step). The last line is Task 2's shipped configuration.
 CONFIGS = ["openvino:f32", "openvino:bf16", "openvino:int8", "torch:f32", "openvino:int8:body=-500,fit=1",
@@ -31,7 +32,7 @@ CONFIGS = ["openvino:f32", "openvino:bf16", "openvino:int8", "torch:f32", "openv
 
 
 def synthetic_ct(path: Path, slices: int, seed: int = 0) -> Path:
-    from tests.images import ct_like, write_image
+    from flarebox_tools.synthetic import ct_like, write_image
 
     if not path.exists():
         write_image(path, ct_like((slices, 512, 512), seed=seed), spacing_xyz=(0.8, 0.8, 2.5))
@@ -40,12 +41,12 @@ def synthetic_ct(path: Path, slices: int, seed: int = 0) -> Path:
 
 def prepare(workdir: Path, slices: int) -> tuple[Path, Path]:
     """The random-weight Task 2 model with f32 and INT8 IR, and the input folder; made once, reused."""
-    from flarebox.convert import convert_model
-    from tests import nnunet_fixtures
+    from flarebox_tools import nnunet_folders
+    from flarebox_tools.convert import convert_model
 
     model = workdir / "task2_model"
     if not (model / "openvino" / "manifest.json").is_file():
-        nnunet_fixtures.make_trained_model_folder(model, **nnunet_fixtures.FLARE_TASK2_PLAIN)
+        nnunet_folders.make_trained_model_folder(model, **nnunet_folders.FLARE_TASK2_PLAIN)
         calib = synthetic_ct(workdir / "calib_0000.nii.gz", 80, seed=1)
         start = time.perf_counter()
         convert_model(model, calibration_images=[calib], tiles_per_image=8)
@@ -168,7 +169,7 @@ def main() -> None:
 
     workdir = Path(args.workdir)
     model, _ = prepare(workdir, args.slices[0])
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     precisions = sorted({spec.split(":")[1] for spec in args.configs if spec.startswith("openvino:")})
     print(f"model: Task 2 PlainConvUNet (random weights); {os.cpu_count()} CPU threads; export mode "
           f"{args.export_mode}", flush=True)
@@ -180,7 +181,7 @@ def main() -> None:
         rows = []
         for spec in args.configs:
             backend, precision, options = (spec.split(":") + [""])[:3]
-            cmd = [sys.executable, "-m", "tests.bench.task2", "--run-one", "--backend", backend, "--precision",
+            cmd = [sys.executable, "-m", "flarebox_tools.bench.task2", "--run-one", "--backend", backend, "--precision",
                    precision, "--options", options, "--model", str(model), "--inputs", str(inputs),
                    "--out", str(workdir / f"out_{backend}_{precision}"), "--export-mode", args.export_mode]
             wall, rss_gb, out = measure(cmd, env=env)
@@ -214,7 +215,7 @@ def machine_line(workdir: Path, model: Path, precisions: list[str], env: dict) -
     costs here to touch memory a process never touched before (a virtual machine can be slow at
     it; that cost lands in every fresh process's stages), so figures can be set against another
     machine's."""
-    cmd = [sys.executable, "-m", "tests.bench.task2", "--calibrate", "--model", str(model),
+    cmd = [sys.executable, "-m", "flarebox_tools.bench.task2", "--calibrate", "--model", str(model),
            "--options", ",".join(precisions)]
     _, _, out = measure(cmd, env=env)
     figures = json.loads(out.strip().splitlines()[-1])
@@ -252,7 +253,7 @@ def bench_resampling(slices: int) -> None:
     from flarebox.export import _logits_to_labels_trilinear
     from flarebox.resample import resize_linear, resize_nearest
     from flarebox.sliding_window import argmax_classes
-    from tests.images import ct_like
+    from flarebox_tools.synthetic import ct_like
 
     image = ct_like((slices, 512, 512)).astype(np.float32)
     low = (slices, 164, 164)

@@ -1,10 +1,10 @@
-"""Task 3 demo weights: the transfer pipeline (flarebox.training.transfer) on phantoms, on the CPU.
+"""Task 3 demo weights: the transfer pipeline (flarebox_tools.training.transfer) on phantoms, on the CPU.
 
-    python -m flarebox.training.transfer_demo --out task3_mri_transfer/weights/model \
+    python -m flarebox_tools.training.transfer_demo --out task3_mri_transfer/weights/model \
         --mind-out task3_mri_transfer/weights/mind_model --work /tmp/task3-demo
 
 Data: labelled CT phantoms; MRI-like phantom patients, each scanned as T1 and T2 of the same anatomy
-(flarebox.phantoms.generate_patient_sequences), whose labels the pipeline never sees (they only score
+(flarebox_tools.phantoms.generate_patient_sequences), whose labels the pipeline never sees (they only score
 its steps); held-out MRI patients to score on. The patient moves between the two scans: the T2 is
 written in the T1's frame (see `in_scanner_frame`), so the anatomy is misaligned in world space and
 step 5's registration has something to undo. Three models are scored on the held-out T1s and T2s:
@@ -28,15 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from flarebox import io, phantoms
-from flarebox.metrics import ORGAN_NAMES, score_case
-from flarebox.training.checkpoint import strip_optimizer
-from flarebox.training.config import NetworkSpec, TrainConfig, replace
-from flarebox.training.demo import DEMO_TRAINING
-from flarebox.training.transfer import N_ORGANS, TransferConfig, predictor_for
-from flarebox.training.transfer import run as run_pipeline
+from flarebox import io
+from flarebox_tools import phantoms
+from flarebox_tools.metrics import ORGAN_NAMES, score_case
+from flarebox_tools.training.checkpoint import strip_optimizer
+from flarebox_tools.training.config import NetworkSpec, TrainConfig, replace
+from flarebox_tools.training.demo import DEMO_TRAINING
+from flarebox_tools.training.transfer import N_ORGANS, TransferConfig, predictor_for
+from flarebox_tools.training.transfer import run as run_pipeline
 
-log = logging.getLogger("flarebox.training")
+log = logging.getLogger("flarebox_tools.training")
 
 # Task 3's published model is a 6-stage PlainConvUNet at 2.5 x 0.78 x 0.78 mm with a 40x192x224
 # patch (transfer.TASK3_NETWORK). The demo keeps 6 stages but uses 8..64 features and a coarse
@@ -105,7 +106,7 @@ def score_on(model_dir: Path, images_dir: Path, truth_dir: Path) -> dict:
 
 def trained_epochs(model_dir: Path) -> int:
     """Epochs the model's final checkpoint went through (a time limit may end training early)."""
-    from flarebox.training.checkpoint import load
+    from flarebox_tools.training.checkpoint import load
 
     return int(load(model_dir / "fold_0" / "checkpoint_final.pth")["current_epoch"])
 
@@ -119,8 +120,8 @@ def markdown(scores: dict) -> str:
     names = list(models)
     lines = ["# Task 3 demo model (MRI, transfer from labelled CT)", "",
              "Demo weights trained on synthetic phantoms, not on FLARE data, by "
-             "`python -m flarebox.training.transfer_demo` (the six-step pipeline of "
-             "`flarebox.training.transfer`). Scored by the engine (torch, CPU) on "
+             "`python -m flarebox_tools.training.transfer_demo` (the six-step pipeline of "
+             "`flarebox_tools.training.transfer`). Scored by the engine (torch, CPU) on "
              f"{scores['held_out']['images']} held-out MRI-like phantom images ({scores['held_out']['patients']} "
              "patients x T1 and T2) on each image's own grid with the FLARE rules. The pipeline never saw MRI "
              "labels.", "",
@@ -200,7 +201,7 @@ def run(out: Path, mind_out: Path | None, work: Path, *, minutes: float | None, 
     # the baseline: the same network on the CT alone, intensity input (z-score), same budget
     ct_only = work / "ct_only_model"
     if not (ct_only / "fold_0" / "checkpoint_final.pth").is_file():
-        from flarebox.training.trainer import train as train_model
+        from flarebox_tools.training.trainer import train as train_model
 
         t0 = time.perf_counter()
         path = train_model(ct, ct_only, train, network_spec=DEMO_NETWORK, cache_dir=work / "pipeline" / "cache")
@@ -250,7 +251,7 @@ def run(out: Path, mind_out: Path | None, work: Path, *, minutes: float | None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flarebox.training.transfer_demo",
+    parser = argparse.ArgumentParser(prog="flarebox-tools transfer-demo",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the final model (Task 3's weights/model)")
     parser.add_argument("--mind-out", help="folder for the MIND model (Task 3's weights/mind_model)")
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    from flarebox.training.trainer import Interrupted
+    from flarebox_tools.training.trainer import Interrupted
 
     try:
         run(Path(args.out).resolve(), Path(args.mind_out).resolve() if args.mind_out else None, Path(args.work),

@@ -6,7 +6,7 @@ peak over the resident memory before the case, and their ratio (must be >= 1: th
 the peak; the smaller above 1, the fewer cases a tight limit refuses for nothing).
 
     make bench-memory
-    python -m tests.bench.memory --tasks task2_cpu_organs --cases ct_512x300
+    python -m flarebox_tools.bench.memory --tasks task2_cpu_organs --cases ct_512x300
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.images import write_image
+from flarebox_tools.paths import REPO as ROOT
+from flarebox_tools.synthetic import write_image
 
-ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("task2_cpu_organs", "task1_pancancer", "task3_mri_transfer")
 # name -> (shape zyx, spacing xyz mm, voxel type, kind)
 CASES = {

@@ -1,6 +1,6 @@
 """How close are the phantoms to a real CT? Per organ: Hounsfield units, volume, position, neighbours.
 
-    python -m flarebox.training.realism --real CT_0000.nii.gz LABELS.nii.gz --phantoms DATASET [--n 10]
+    python -m flarebox_tools.training.realism --real CT_0000.nii.gz LABELS.nii.gz --phantoms DATASET [--n 10]
 
 Every image is first brought to the real CT's spacing (linear for the image, nearest for the labels),
 so partial volume is alike on both sides. Per organ: mean and standard deviation of HU inside it,
@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from flarebox.metrics import ORGAN_NAMES
+from flarebox_tools.metrics import ORGAN_NAMES
 
 AORTA = 5
 
@@ -101,7 +101,7 @@ def compare(real_image: Path, real_labels: Path, phantoms_dir: Path, n: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flarebox.training.realism", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="flarebox-tools realism", description=__doc__.splitlines()[0])
     parser.add_argument("--real", nargs=2, required=True, metavar=("IMAGE", "LABELS"))
     parser.add_argument("--phantoms", required=True, help="phantom dataset (imagesTr, labelsTr)")
     parser.add_argument("--n", type=int, default=10, help="phantoms to compare")

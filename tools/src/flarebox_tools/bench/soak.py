@@ -1,6 +1,6 @@
 """Soak: many consecutive organiser-style runs of one image, one case a run, over a rotation of good
 and bad cases; half the runs as root, half as a non-root --user. Each run is `docker container run
---network none -m MEM ... sh predict.sh` through the evaluation harness (tests/harness/run.py), which
+--network none -m MEM ... sh predict.sh` through the evaluation harness (flarebox_tools.evaluation.run), which
 samples the container's cgroup memory.
 
 A case is lost when a good case has no output, or a bad case does anything but exit 1 with one line
@@ -8,7 +8,7 @@ naming its file and no output. Time and peak memory of the good cases are compar
 first and the last runs of each case: no growth means the last runs are within the noise of the first.
 
     make soak TASK=task2_cpu_organs RUNS=100
-    python -m tests.bench.soak --task task1_pancancer --runs 20
+    python -m flarebox_tools.bench.soak --task task1_pancancer --runs 20
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.harness.run import image_name, memory_limit, run_docker_case
-from tests.images import ct_like, oblique, write_image
-
-ROOT = Path(__file__).resolve().parents[2]
+from flarebox_tools.evaluation.run import image_name, memory_limit, run_docker_case
+from flarebox_tools.paths import REPO as ROOT
+from flarebox_tools.synthetic import ct_like, oblique, write_image
 
 
 @dataclass(frozen=True)

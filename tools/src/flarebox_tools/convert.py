@@ -9,8 +9,10 @@ conversion the model needs no torch at run time.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -84,3 +86,25 @@ def convert_model(
     manifest["openvino"] = ov.__version__
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flarebox-tools convert", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="model folder")
+    parser.add_argument("--folds", type=int, nargs="+")
+    parser.add_argument("--calibration", nargs="*", default=[], help="images (_0000.nii.gz) for INT8 calibration")
+    parser.add_argument("--calibration-dir", help="a folder of calibration images")
+    parser.add_argument("--tiles-per-image", type=int, default=4)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    images = [Path(p) for p in args.calibration]
+    if args.calibration_dir:
+        images += sorted(Path(args.calibration_dir).glob("*.nii.gz"))
+    manifest = convert_model(args.model, folds=tuple(args.folds) if args.folds else None,
+                             calibration_images=images, tiles_per_image=args.tiles_per_image)
+    log.info("wrote %s", manifest)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

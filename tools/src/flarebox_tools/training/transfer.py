@@ -1,6 +1,6 @@
 """Task 3's transfer pipeline: MRI organ models learned from labelled CT and unlabelled MRI, one command.
 
-    python -m flarebox.training.transfer --ct CT_RAW --mri MRI_DIR --work WORK [--config train.toml]
+    python -m flarebox_tools.training.transfer --ct CT_RAW --mri MRI_DIR --work WORK [--config train.toml]
         [--minutes 8] [--t1-sequence t1] [--min-organs 13] [--mri-labels TRUTH_DIR]
 
 In: CT_RAW, an nnU-Net raw dataset with the 13 FLARE organs (imagesTr/<case>_0000.nii.gz,
@@ -54,11 +54,11 @@ import SimpleITK as sitk
 
 from flarebox import io
 from flarebox.errors import CaseError, ConfigError
-from flarebox.metrics import ORGAN_NAMES, score_case
-from flarebox.phantoms import ORGAN_LABELS
-from flarebox.training.config import NetworkSpec, TrainConfig, replace
+from flarebox_tools.metrics import ORGAN_NAMES, score_case
+from flarebox_tools.phantoms import ORGAN_LABELS
+from flarebox_tools.training.config import NetworkSpec, TrainConfig, replace
 
-log = logging.getLogger("flarebox.training")
+log = logging.getLogger("flarebox_tools.training")
 
 MRI_NAME = re.compile(r"^(?P<patient>.+)_(?P<sequence>[A-Za-z0-9]+)" + re.escape(io.INPUT_SUFFIX) + "$")
 N_ORGANS = len(ORGAN_NAMES)
@@ -267,7 +267,7 @@ class Pipeline:
         self.timings: dict[str, float] = {}
 
     def _check_ct(self) -> None:
-        from flarebox.training.plans import dataset_labels
+        from flarebox_tools.training.plans import dataset_labels
 
         labels, _ = dataset_labels(self.ct_dir)
         if sorted(labels.values()) != list(range(N_ORGANS + 1)):
@@ -293,8 +293,8 @@ class Pipeline:
         return self.work / "6_final_model"
 
     def _train(self, dataset: Path, model_dir: Path, spec: NetworkSpec, config: TrainConfig) -> Path:
-        from flarebox.training.checkpoint import strip_optimizer
-        from flarebox.training.trainer import train
+        from flarebox_tools.training.checkpoint import strip_optimizer
+        from flarebox_tools.training.trainer import train
 
         final = model_dir / "fold_0" / "checkpoint_final.pth"
         if final.is_file() and not (final.parent / "checkpoint_latest.pth").is_file():
@@ -409,7 +409,7 @@ class Pipeline:
         return {"carried": len(carried)}
 
     def step6_final_model(self) -> dict:
-        from flarebox.training.data import list_cases
+        from flarebox_tools.training.data import list_cases
 
         cases = {}
         for raw in list_cases(self.ct_dir):
@@ -430,7 +430,8 @@ def run(ct_dir: Path, mri_dir: Path, work: Path, config: TransferConfig, truth_d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flarebox.training.transfer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m flarebox_tools.training.transfer",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--ct", required=True, help="labelled CT, nnU-Net raw layout (imagesTr, labelsTr)")
     parser.add_argument("--mri", required=True, help="unlabelled MRI: <patient>_<sequence>_0000.nii.gz")
     parser.add_argument("--work", required=True, help="where every step's output goes (rerun to resume)")
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mri-labels", help="truth for the MRI (<patient>_<sequence>.nii.gz), only to log quality")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    from flarebox.training.config import load_config
+    from flarebox_tools.training.config import load_config
 
     try:
         train, network = load_config(args.config, time_limit_minutes=args.minutes)

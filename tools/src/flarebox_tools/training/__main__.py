@@ -1,10 +1,10 @@
 """Command line: train one fold of a model on an nnU-Net raw dataset.
 
-    python -m flarebox.training train --dataset RAW_DIR --out MODEL_DIR --config train.toml
-    torchrun --standalone --nproc_per_node 2 -m flarebox.training train --dataset RAW_DIR --out MODEL_DIR ...
+    flarebox-tools train --dataset RAW_DIR --out MODEL_DIR --config train.toml
+    torchrun --standalone --nproc_per_node 2 -m flarebox_tools.training --dataset RAW_DIR --out MODEL_DIR ...
 
 `--config` holds `[train]` and, to create MODEL_DIR's plans.json, `[network]` (see
-flarebox/training/config.py). Options below override `[train]` keys. One line per epoch (rank 0):
+flarebox_tools/training/config.py). Options below override `[train]` keys. One line per epoch (rank 0):
 loss, learning rate, steps per second, validation DSC/NSD when validated, seconds.
 
 Interrupted (SIGTERM, SIGINT, a killed process), the same command goes on from checkpoint_latest.pth:
@@ -28,9 +28,7 @@ OVERRIDES = (("epochs", int), ("iterations-per-epoch", int), ("batch-size", int)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flarebox.training", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train one fold; writes MODEL_DIR/fold_<k>/checkpoint_final.pth")
+    t = argparse.ArgumentParser(prog="flarebox-tools train", description=__doc__.splitlines()[0])
     t.add_argument("--dataset", required=True, help="nnU-Net raw dataset (imagesTr, labelsTr, dataset.json)")
     t.add_argument("--out", required=True, help="model folder (created from [network] if it has no plans.json)")
     t.add_argument("--config", help="TOML file with [train] and optionally [network]")
@@ -43,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
                        help="start afresh even when checkpoint_latest.pth exists")
     for name, kind in OVERRIDES:
         t.add_argument(f"--{name}", type=kind, help="overrides [train] " + name.replace("-", "_"))
-    return p
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     # one voice: rank 0 reports progress, the other ranks only warnings and errors
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s")
-    from flarebox.training.config import load_config
-    from flarebox.training.trainer import Interrupted, train
+    from flarebox_tools.training.config import load_config
+    from flarebox_tools.training.trainer import Interrupted, train
 
     try:
         overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _ in OVERRIDES}

@@ -5,7 +5,8 @@ torch loop over the same network, batch and patch, and what each lever gives.
     make bench-train BENCH_ARGS="--networks task2 --steps 12"
 
 Bare loop: one fixed random batch, forward, nnU-Net's deep-supervision loss, backward, AdamW step
-(torch's defaults); nothing else. Trainer: `flarebox.training.train` on phantoms written at the network's own spacing
+(torch's defaults); nothing else. Trainer:
+`flarebox_tools.training.train` on phantoms written at the network's own spacing
 (so the cache is quick to make), timed by its own epoch timestamps after a first warm-up epoch:
 sampling, augmentation, the step and its bookkeeping. Levers, each against the bare loop: channels-
 last-3d tensors, AdamW's foreach implementation (torch's default on the CPU is a loop over the
@@ -31,8 +32,8 @@ OTHER_PATCHES = {"task2": [(40, 128, 128)], "task1": [(48, 96, 96)], "task3": [(
 
 def networks() -> dict[str, tuple[object, dict]]:
     """name -> (NetworkSpec, the trainer settings its demo uses)."""
-    from flarebox.training.demo import DEMO_TRAINING, TASKS
-    from flarebox.training.transfer_demo import DEMO_NETWORK
+    from flarebox_tools.training.demo import DEMO_TRAINING, TASKS
+    from flarebox_tools.training.transfer_demo import DEMO_NETWORK
 
     out = {name: (task.network, {**DEMO_TRAINING, **task.training}) for name, task in TASKS.items()}
     out["task3"] = (DEMO_NETWORK, dict(DEMO_TRAINING))
@@ -40,8 +41,8 @@ def networks() -> dict[str, tuple[object, dict]]:
 
 
 def model_folder(spec, label_set: str, folder: Path) -> Path:
-    from flarebox.phantoms import LESION_LABELS, ORGAN_LABELS
-    from flarebox.training.plans import write_plans
+    from flarebox_tools.phantoms import LESION_LABELS, ORGAN_LABELS
+    from flarebox_tools.training.plans import write_plans
 
     labels = LESION_LABELS if label_set == "lesion" else ORGAN_LABELS
     write_plans(folder, spec, labels, channel_name="CT")
@@ -52,8 +53,8 @@ def bare_steps_per_s(model_dir: Path, batch: int, patch: tuple[int, int, int], s
                      device: str = "cpu", channels_last: bool = False, amp: torch.dtype | None = None,
                      warmup: int = BARE_WARMUP, foreach: bool | None = None) -> float:
     from flarebox.models import build_network, load_plan
-    from flarebox.training.loss import deep_supervision_loss
-    from flarebox.training.trainer import he_init
+    from flarebox_tools.training.loss import deep_supervision_loss
+    from flarebox_tools.training.trainer import he_init
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -91,9 +92,9 @@ def synchronize(device: str) -> None:
 
 
 def trainer_steps_per_s(spec, settings: dict, label_set: str, work: Path, steps: int, **changes) -> float:
-    from flarebox.phantoms import write_dataset
-    from flarebox.training.config import TrainConfig, replace
-    from flarebox.training.trainer import train
+    from flarebox_tools.phantoms import write_dataset
+    from flarebox_tools.training.config import TrainConfig, replace
+    from flarebox_tools.training.trainer import train
 
     raw = work / "raw"
     if not (raw / "dataset.json").is_file():
@@ -118,8 +119,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per row (trainer: two epochs of them)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     args = parser.parse_args()
-    from flarebox.training.demo import cpu_description
-    from flarebox.training.trainer import cpu_has_native_bf16
+    from flarebox_tools.training.demo import cpu_description
+    from flarebox_tools.training.trainer import cpu_has_native_bf16
 
     threads = torch.get_num_threads()
     print(f"CPU: {cpu_description()}; torch {torch.__version__}, {threads} threads", flush=True)

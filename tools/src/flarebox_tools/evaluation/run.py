@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.harness.monitor import CgroupSampler, GpuSampler, HostUsage, ProcessTreeSampler, gpu_available
+from flarebox_tools.evaluation.monitor import CgroupSampler, GpuSampler, HostUsage, ProcessTreeSampler, gpu_available
+from flarebox_tools.paths import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 CONTAINER_IN, CONTAINER_OUT = "/workspace/inputs/", "/workspace/outputs/"
 
 

@@ -1,13 +1,13 @@
 """Task 2 accuracy of each speed setting against our own f32 result, on the bundled (trained) demo
 model: held-out organ phantoms (never seen in training) and the real sample CT.
 
-    python -m tests.bench.task2_accuracy [--cases 10] [--configs openvino:int8 ...]
+    python -m flarebox_tools.bench.task2_accuracy [--cases 10] [--configs openvino:int8 ...]
 
 Prints mean DSC over the 13 organs per configuration and its loss in DSC points against
 `openvino:f32` (issue 7 allows at most 0.5 points for the shipped default), and the same over the
 organs the f32 reference finds (a demo model finds only some; the rest score 0 and dilute the
 mean). Configurations use the same `backend:precision[:option=value,...]` grammar as
-tests.bench.task2.
+flarebox_tools.bench.task2.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from flarebox_tools.paths import REPO as ROOT
+
 MODEL = ROOT / "task2_cpu_organs" / "weights" / "model"
 REFERENCE = "openvino:f32"
 # the last is Task 2's shipped configuration
@@ -30,15 +31,16 @@ CONFIGS = [REFERENCE, "openvino:bf16", "openvino:int8", "openvino:int8:body=-500
 def predictor_for(spec: str):
     from flarebox.config import from_dict
     from flarebox.pipeline import Predictor
-    from tests.bench.task2 import config_sections
+    from flarebox_tools.bench.task2 import config_sections
 
     return Predictor.from_config(from_dict({"model": {"folder": str(MODEL)}, **config_sections(spec)}, ROOT))
 
 
 def main() -> None:
-    from flarebox import io, phantoms
-    from flarebox.metrics import ORGAN_NAMES, score_case
-    from tests.conftest import REAL_CT, REAL_LABELS
+    from flarebox import io
+    from flarebox_tools import phantoms
+    from flarebox_tools.metrics import ORGAN_NAMES, score_case
+    from flarebox_tools.paths import REAL_CT, REAL_LABELS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10)

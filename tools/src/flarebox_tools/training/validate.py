@@ -3,7 +3,7 @@ scored with the FLARE metrics (DSC and NSD per class) on the plan's grid.
 
 The arrays are the cached, preprocessed cases, so no resampling back to the original grid happens
 here: scores are at the model's spacing (slightly kinder to thin structures than the organisers'
-scoring at the original spacing, which `flarebox.training.demo` does on raw held-out images).
+scoring at the original spacing, which `flarebox_tools.training.demo` does on raw held-out images).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from flarebox.backends.torch_runtime import TorchBackend
-from flarebox.metrics import score_case, score_class
 from flarebox.models import ModelPlan
 from flarebox.sliding_window import predict_logits
-from flarebox.training.checkpoint import unwrap
-from flarebox.training.data import TrainingCase
+from flarebox_tools.metrics import score_case, score_class
+from flarebox_tools.training.checkpoint import unwrap
+from flarebox_tools.training.data import TrainingCase
 
 GENERIC_TOLERANCE_MM = 2.0  # NSD tolerance for labels that are neither the FLARE organs nor a lesion
 

@@ -15,7 +15,7 @@ correlated noise for CT; per-tissue T1-like or T2-like signal, a smooth bias fie
 arbitrary scale for MRI. A second anatomy, "template", elastically deforms a real label map
 (../shared/data/real/ts_ct_sm.nii.gz, its CT giving fat, muscle, bone and air) instead.
 
-    python -m flarebox.phantoms --out DIR --n 20 --seed 0 [--modality ct|t1|t2] [--label-set organs|lesion]
+    python -m flarebox_tools.phantoms --out DIR --n 20 --seed 0 [--modality ct|t1|t2] [--label-set organs|lesion]
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from flarebox.metrics import ORGAN_NAMES
+from flarebox_tools.metrics import ORGAN_NAMES
+from flarebox_tools.paths import REAL_LABELS
 
-log = logging.getLogger("flarebox.phantoms")
+log = logging.getLogger("flarebox_tools.phantoms")
 
 ORGAN_LABELS = {"background": 0, **{name: label for label, name in enumerate(ORGAN_NAMES, start=1)}}
 LESION_LABELS = {"background": 0, "lesion": 1}
@@ -45,7 +46,7 @@ PHASES = ("non-contrast", "arterial", "portal-venous")
 MODALITIES = ("ct", "t1", "t2")
 ANATOMIES = ("synthetic", "template")
 ORIENTATIONS = ("lps", "ras", "oblique")
-TEMPLATE_LABELS = Path(__file__).resolve().parents[4] / "shared" / "data" / "real" / "ts_ct_sm.nii.gz"
+TEMPLATE_LABELS = REAL_LABELS
 
 
 # ---- tissues ----------------------------------------------------------------------------------------
@@ -1199,12 +1200,15 @@ def _write_atomic(image: sitk.Image, path: Path) -> None:
 
 def write_dataset(out_dir: str | Path, n_cases: int, seed: int, *, modality: str = "ct", label_set: str = "organs",
                   anatomy: str = "synthetic", spacing_zyx_mm: Sequence[float] | None = None,
-                  spacing_scale: float = 1.0, prefix: str = "phantom",
+                  spacing_scale: float = 1.0, prefix: str = "phantom", phases: Sequence[str] | None = None,
                   on_case: Callable[[str, float], None] | None = None, keep_existing: bool = False) -> Path:
     """An nnU-Net raw dataset: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json.
-    Case n uses seed `seed + n`; `on_case(case_id, seconds)` is called after each. keep_existing:
+    Case n uses seed `seed + n`; `on_case(case_id, seconds)` is called after each. phases: the CT
+    contrast phases the cases take in turn (None: each case draws one of all three). keep_existing:
     a case whose image is already there is not made again (an interrupted run goes on)."""
     _check_choice("label_set", label_set, ("organs", "lesion"))
+    for phase in phases or ():
+        _check_choice("phase", phase, PHASES)
     out_dir = Path(out_dir)
     for n in range(n_cases):
         start = time.perf_counter()
@@ -1212,7 +1216,7 @@ def write_dataset(out_dir: str | Path, n_cases: int, seed: int, *, modality: str
         if keep_existing and (out_dir / "imagesTr" / f"{case_id}_0000.nii.gz").is_file():
             continue
         phantom = generate_case(seed + n, modality=modality, anatomy=anatomy, spacing_zyx_mm=spacing_zyx_mm,
-                                spacing_scale=spacing_scale)
+                                spacing_scale=spacing_scale, phase=phases[n % len(phases)] if phases else None)
         write_case(phantom, out_dir / "imagesTr", out_dir / "labelsTr", case_id, label_set)
         if on_case is not None:
             on_case(case_id, time.perf_counter() - start)
@@ -1225,7 +1229,7 @@ def write_dataset(out_dir: str | Path, n_cases: int, seed: int, *, modality: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flarebox.phantoms", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="flarebox-tools phantoms", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="dataset folder to write (nnU-Net raw layout)")
     parser.add_argument("--n", type=int, default=10, help="number of cases")
     parser.add_argument("--seed", type=int, default=0, help="case n uses seed + n")
@@ -1233,11 +1237,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-set", default="organs", choices=("organs", "lesion"))
     parser.add_argument("--anatomy", default="synthetic", choices=ANATOMIES)
     parser.add_argument("--spacing-scale", type=float, default=1.0, help="> 1: coarser grids, same field of view")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, help="CT contrast phases the cases take in turn "
+                        "(default: each case draws one of all three)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     write_dataset(args.out, args.n, args.seed, modality=args.modality, label_set=args.label_set, anatomy=args.anatomy,
-                  spacing_scale=args.spacing_scale, on_case=lambda case, s: log.info("%s: %.1f s", case, s))
+                  spacing_scale=args.spacing_scale, phases=args.phases,
+                  on_case=lambda case, s: log.info("%s: %.1f s", case, s))
     log.info("%d cases in %s (%.0f s)", args.n, args.out, time.perf_counter() - start)
     return 0
 

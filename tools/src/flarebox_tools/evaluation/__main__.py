@@ -1,4 +1,4 @@
-"""Command line: `python -m tests.harness -t TASK -i IMAGES -g LABELS -r REPORT [-p PREDICTIONS]`.
+"""Command line: `python -m flarebox_tools.evaluation -t TASK -i IMAGES -g LABELS -r REPORT [-p PREDICTIONS]`.
 
     make evaluate TASK=task2_cpu_organs IN=images GT=labels REPORT=dir            # run, then score
     make evaluate TASK=task2_cpu_organs PRED=predictions GT=labels REPORT=dir     # score only
@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tests.harness.evaluate import PATHS, HarnessError, evaluate
-from tests.harness.report import TASK_LIMITS, CaseRow, Limits, task_key
+from flarebox_tools.evaluation.evaluate import PATHS, HarnessError, evaluate
+from flarebox_tools.evaluation.report import TASK_LIMITS, CaseRow, Limits, task_key
 
 
 def _line(row: CaseRow) -> str:
@@ -31,7 +31,7 @@ def _line(row: CaseRow) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.harness", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="flarebox-tools evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("-t", "--task", required=True, help="task folder, e.g. task2_cpu_organs")
     parser.add_argument("-i", "--images", type=Path, help="folder of <case>_0000.nii.gz (optional with -p)")
     parser.add_argument("-g", "--labels", type=Path, required=True, help="folder of reference <case>.nii.gz")

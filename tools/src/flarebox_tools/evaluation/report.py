@@ -1,6 +1,6 @@
 """Scores and the report: per-case rows, cases.csv and summary.md.
 
-Scores are `flarebox.metrics.score_files` on each prediction and its reference, with the organisers'
+Scores are `flarebox_tools.metrics.score_files` on each prediction and its reference, with the organisers'
 rules (Task 1: binary lesion; Tasks 2 and 3: the 13 organs). A case that failed (the container
 exited non-zero, timed out, wrote no output, or wrote one that cannot be scored, e.g. on another
 voxel grid) scores 0 in every class, as a missing submission does in the ranking, and is listed
@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from flarebox.errors import CaseError
-from flarebox.metrics import ORGAN_NAMES, score_files
+from flarebox_tools.metrics import ORGAN_NAMES, score_files
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def task_key(task: str) -> str:
 
 
 def metric_task(task: str) -> str:
-    """flarebox.metrics' rule set: Task 1 is binary lesion segmentation, Tasks 2 and 3 are organs."""
+    """flarebox_tools.metrics' rule set: Task 1 is binary lesion segmentation, Tasks 2 and 3 are organs."""
     return "lesion" if task_key(task) == "task1" else "organs"
 
 
@@ -166,7 +166,8 @@ def write_summary(rows: Sequence[CaseRow], task: str, limits: Limits, path: Path
     over = [r for r in rows if r.over_limit]
     lines = [f"# Evaluation: {task}", "", f"- **Path**: {how}", f"- **Cases**: {len(rows)}, failed: {len(failed)}, "
              f"over a limit: {len(over)}", f"- **Limits**: {limits.source}",
-             f"- **Metrics**: flarebox.metrics ({metric_task(task)} rules); a failed case scores 0 in every class",
+             f"- **Metrics**: flarebox_tools.metrics ({metric_task(task)} rules); "
+             "a failed case scores 0 in every class",
              *[f"- {line}" for line in sampling], ""]
     if failed:
         lines += ["## Failed cases", "", *[f"- `{r.case_id}`: {r.failure}" for r in failed], ""]

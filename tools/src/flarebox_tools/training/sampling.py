@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flarebox.training.data import TrainingCase
+from flarebox_tools.training.data import TrainingCase
 
 
 @dataclass(frozen=True)

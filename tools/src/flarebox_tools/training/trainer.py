@@ -1,7 +1,7 @@
 """The training loop: one process, or one per GPU / CPU slot under `torchrun` with torch DDP.
 
-    python -m flarebox.training train --dataset RAW --out MODEL_DIR --config train.toml
-    torchrun --standalone --nproc_per_node 2 -m flarebox.training train --dataset RAW --out MODEL_DIR ...
+    flarebox-tools train --dataset RAW --out MODEL_DIR --config train.toml
+    torchrun --standalone --nproc_per_node 2 -m flarebox_tools.training --dataset RAW --out MODEL_DIR ...
 
 In: an nnU-Net raw dataset and a model folder (plans.json + dataset.json, or a NetworkSpec to write
 them). Out: MODEL_DIR/fold_<k>/checkpoint_final.pth (and _best, _latest) with nnU-Net's keys.
@@ -49,17 +49,17 @@ import torch.distributed as dist
 
 from flarebox.errors import CaseError, ConfigError
 from flarebox.models import ModelPlan, build_network, load_plan
-from flarebox.training import checkpoint
-from flarebox.training.augment import SpatialSettings, spatial_margin
-from flarebox.training.config import NetworkSpec, TrainConfig
-from flarebox.training.data import TrainingCase, list_cases, load_cached, prepare_cache, split_cases
-from flarebox.training.loader import BatchRecipe, batches
-from flarebox.training.loss import deep_supervision_loss
-from flarebox.training.plans import dataset_labels, write_plans
-from flarebox.training.sampling import rank_batch_size
-from flarebox.training.validate import ValidationScores, validate
+from flarebox_tools.training import checkpoint
+from flarebox_tools.training.augment import SpatialSettings, spatial_margin
+from flarebox_tools.training.config import NetworkSpec, TrainConfig
+from flarebox_tools.training.data import TrainingCase, list_cases, load_cached, prepare_cache, split_cases
+from flarebox_tools.training.loader import BatchRecipe, batches
+from flarebox_tools.training.loss import deep_supervision_loss
+from flarebox_tools.training.plans import dataset_labels, write_plans
+from flarebox_tools.training.sampling import rank_batch_size
+from flarebox_tools.training.validate import ValidationScores, validate
 
-log = logging.getLogger("flarebox.training")
+log = logging.getLogger("flarebox_tools.training")
 
 
 @dataclass(frozen=True)
