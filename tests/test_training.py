@@ -3,6 +3,8 @@ whose checkpoint the engine (and nnU-Net's own predictor, where installed) load 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import subprocess
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 
 from flarebox.errors import ConfigError
 from flarebox_tools.training.augment import SpatialSettings, centre_crop, intensity, spatial, spatial_margin
-from flarebox_tools.training.config import NetworkSpec, TrainConfig, load_config
+from flarebox_tools.training.config import NetworkSpec, TrainConfig, load_config, replace
 from flarebox_tools.training.data import TrainingCase, class_locations, resample_labels, split_cases
 from flarebox_tools.training.loss import deep_supervision_loss, deep_supervision_weights, dice_ce
 from flarebox_tools.training.sampling import crop, rank_batch_size, sample_batch
@@ -402,6 +404,65 @@ def test_bf16_autocast_follows_f32_over_a_few_steps(trained, tmp_path):
     bf16, f32 = losses["bfloat16"], losses["float16"]
     assert not np.array_equal(bf16, f32)
     np.testing.assert_allclose(bf16, f32, rtol=0.03)
+
+
+def _first_batch(root: Path, spec: NetworkSpec) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A freshly initialised network of `spec` and a batch of two patches of the `trained` phantoms
+    at the network's spacing, as the trainer makes them."""
+    from flarebox.models import build_network, load_plan
+    from flarebox_tools.training.data import list_cases, load_cached, prepare_cache
+    from flarebox_tools.training.plans import dataset_labels, write_plans
+    from flarebox_tools.training.sampling import sample_batch
+    from flarebox_tools.training.trainer import he_init
+
+    model = root / f"model_{'x'.join(map(str, spec.patch_zyx))}"
+    if not (model / "plans.json").is_file():
+        labels, channel = dataset_labels(root / "raw")
+        write_plans(model, spec, labels, channel_name=channel)
+    plan = load_plan(model)
+    raw = list_cases(root / "raw")
+    cases = load_cached([c.case_id for c in raw], prepare_cache(raw, plan, root / "cache_bf16"))
+    batch = sample_batch(cases, 2, spec.patch_zyx, np.random.default_rng(0), oversampling=1.0)
+    torch.manual_seed(0)
+    network = build_network(plan, deep_supervision=True)
+    network.apply(he_init)
+    return network.train(), torch.from_numpy(batch.images), torch.from_numpy(batch.labels).long()
+
+
+def test_bf16_gradients_are_checked_against_f32(trained):
+    """The check the trainer runs before it trains in bf16 on a CPU: bf16 always differs from f32
+    (tolerance 0 fails), and on a network whose feature maps are all larger than a few voxels the
+    difference stays within the default tolerance."""
+    from flarebox_tools.training.trainer import bf16_gradients_agree
+
+    root, _ = trained
+    network, x, y = _first_batch(root, TINY_NETWORK)
+    config = TrainConfig()
+    assert not bf16_gradients_agree(network, x, y, None, config, tolerance=0.0)
+    assert bf16_gradients_agree(network, x, y, None, config)
+    assert all(p.grad is None for p in network.parameters())
+
+
+def test_forced_bf16_never_trains_on_wrong_gradients(trained, tmp_path, caplog):
+    """The Task 1 demo network, whose deepest stages are 2 voxels deep: under bf16 autocast, torch
+    2.13.0's CPU Conv3d weight gradient there is wrong on AVX-512 BF16 CPUs and one step turned every
+    weight into NaN. Forced bf16 training must give finite losses: on such a CPU because the check
+    falls back to f32 (and says so), elsewhere because bf16 is right there."""
+    from flarebox_tools.training.demo import TASKS
+    from flarebox_tools.training.trainer import bf16_gradients_agree, train
+
+    root, _ = trained
+    spec = dataclasses.replace(TASKS["task1"].network, spacing_zyx_mm=(8.0, 8.0, 8.0))  # the same stages, a smaller cache
+    network, x, y = _first_batch(root, spec)
+    agree = bf16_gradients_agree(network, x, y, None, TrainConfig())
+    config = TrainConfig(epochs=3, iterations_per_epoch=1, batch_size=2, validation_cases=1, validate_every_epochs=100,
+                         device="cpu", amp=True, amp_dtype="bfloat16", data_workers=0, optimizer="adamw",
+                         foreground_oversampling=1.0)
+    with caplog.at_level(logging.WARNING, logger="flarebox_tools.training"):
+        path = train(root / "raw", tmp_path / "model", config, network_spec=spec, cache_dir=root / "cache_bf16")
+    losses = torch.load(path, weights_only=False)["logging"]["train_losses"]
+    assert np.isfinite(losses).all(), losses
+    assert ("training in f32" in caplog.text) == (not agree)
 
 
 def test_autocast_dtype_by_device_and_cpu():

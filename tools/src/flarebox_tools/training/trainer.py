@@ -240,6 +240,37 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
+BF16_GRADIENT_TOLERANCE = 0.25  # relative, per parameter tensor: bf16 rounding gives ~0.3-3 %
+
+
+def bf16_gradients_agree(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor | None,
+                         config: TrainConfig, tolerance: float = BF16_GRADIENT_TOLERANCE) -> bool:
+    """Whether bf16 autocast gives this network's gradients on this batch within `tolerance` of f32,
+    tensor by tensor (relative), all finite. CPU bf16 kernels are not to be trusted blindly: torch 2.13.0's
+    oneDNN Conv3d weight gradient under bf16 autocast is wrong (off by 100 %, or 1e37, or NaN) for
+    feature maps a few voxels deep, the deepest stages of our networks, on an AVX-512 BF16 CPU
+    (docs/training.md); one step of it turned every weight into NaN. Costs two forward-backward
+    passes, once per training; leaves no gradient behind."""
+    grads = []
+    for dtype in (None, torch.bfloat16):
+        network.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            outputs = network(x)
+        deep_supervision_loss(outputs, y, labelled, batch_dice=config.batch_dice).backward()
+        grads.append([None if p.grad is None else p.grad.detach().clone() for p in network.parameters()])
+    network.zero_grad(set_to_none=True)
+    pairs = [(r, g) for r, g in zip(*grads, strict=True) if r is not None and g is not None]
+    # A convolution's bias before instance normalisation has a gradient of ~0 (the norm removes the
+    # mean): its relative error means nothing, so no tensor is held to less than 1 % of the median norm.
+    floor = 0.01 * float(torch.stack([r.norm() for r, _ in pairs]).median())
+    for reference, got in pairs:
+        if not bool(torch.isfinite(got).all()):
+            return False
+        if float((got - reference).norm()) > tolerance * max(float(reference.norm()), floor):
+            return False
+    return True
+
+
 def train_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor | None, config: TrainConfig,
                amp: torch.dtype | None) -> float:
@@ -437,6 +468,7 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
     stream = batches(recipe, steps_done, total_steps, workers=config.data_workers,
                      pin_memory=procs.device.type == "cuda")
     interrupted = False
+    check_bf16 = amp == torch.bfloat16 and procs.device.type == "cpu"
     last_save = clock = time.perf_counter()
     epoch_clock, steps_at_epoch_start = clock, steps_done
     with StopSignals() as signals:
@@ -453,6 +485,15 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
             x = batch.images.to(procs.device, non_blocking=True, memory_format=layout)
             y = batch.labels.to(procs.device, non_blocking=True)
             labelled = labelled_mask(batch.case_ids, config, plan.num_classes)
+            if check_bf16:  # on the first batch, on every rank; all ranks then train alike
+                check_bf16 = False
+                inner = network.module if procs.distributed else network
+                agree = bf16_gradients_agree(inner, x, y, labelled, config)
+                if _agree([float(agree)], procs, "mean")[0] < 1.0:
+                    amp = None
+                    if procs.rank == 0:
+                        log.warning("bf16 autocast gives gradients unlike f32's for this network on this CPU "
+                                    "(torch %s): training in f32", torch.__version__)
             epoch_losses.append(train_step(network, optimizer, scaler, x, y, labelled, config, amp))
             steps_done += 1
             now = time.perf_counter()
