@@ -15,7 +15,7 @@ import torch
 
 from flarebox.errors import ConfigError
 from flarebox_tools.training.augment import SpatialSettings, centre_crop, intensity, spatial, spatial_margin
-from flarebox_tools.training.config import NetworkSpec, TrainConfig, load_config, replace
+from flarebox_tools.training.config import NetworkSpec, TrainConfig, load_config
 from flarebox_tools.training.data import TrainingCase, class_locations, resample_labels, split_cases
 from flarebox_tools.training.loss import deep_supervision_loss, deep_supervision_weights, dice_ce
 from flarebox_tools.training.sampling import crop, rank_batch_size, sample_batch
@@ -452,7 +452,7 @@ def test_forced_bf16_never_trains_on_wrong_gradients(trained, tmp_path, caplog):
     from flarebox_tools.training.trainer import bf16_gradients_agree, train
 
     root, _ = trained
-    spec = dataclasses.replace(TASKS["task1"].network, spacing_zyx_mm=(8.0, 8.0, 8.0))  # the same stages, a smaller cache
+    spec = dataclasses.replace(TASKS["task1"].network, spacing_zyx_mm=(8.0, 8.0, 8.0))  # its stages, a small cache
     network, x, y = _first_batch(root, spec)
     agree = bf16_gradients_agree(network, x, y, None, TrainConfig())
     config = TrainConfig(epochs=3, iterations_per_epoch=1, batch_size=2, validation_cases=1, validate_every_epochs=100,
