@@ -25,21 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from flarebox import io
-from flarebox.backends import load_backend
+from flarebox.backends import Backend, load_backend
 from flarebox.config import TaskConfig, load_config
 from flarebox.errors import CaseError, ConfigError
 from flarebox.export import Labels, to_original_grid
 from flarebox.memory import Budget, Need
 from flarebox.models import ModelPlan, load_plan
-from flarebox.preprocess import preprocess
-from flarebox.sliding_window import (
-    NNUNET_PADDING,
-    Backend,
-    PadValues,
-    fitted_patch,
-    gaussian_importance,
-    predict_logits,
-)
+from flarebox.preprocess import NNUNET_PADDING, PadValues, Preprocessed, preprocess
+from flarebox.sliding_window import fitted_patch, gaussian_importance, predict_logits
 
 log = logging.getLogger("flarebox")
 _COMPILER = ThreadPoolExecutor(1, "flarebox-compile")
@@ -169,13 +162,13 @@ class Predictor:
         again on the host."""
         inf = self.config.inference
         backend = self._tile_backend(model, data.shape[1:])
-        place = "host"
-        if hasattr(backend, "accumulation_place"):
-            padded = tuple(max(s, p) for s, p in zip(data.shape[1:], backend.patch_zyx, strict=True))
-            place = backend.accumulation_place(padded, int(inf.gpu_memory_gb * 2**30))
         run = dict(step_size=inf.step_size, mirroring=inf.mirroring, on_tile=on_tile, labels=labels,
                    pad_values=pad_values)
-        if place == "host":
+        gpu = backend.gpu
+        if gpu is None:
+            return predict_logits(data, backend, **run)
+        padded = tuple(max(s, p) for s, p in zip(data.shape[1:], backend.patch_zyx, strict=True))
+        if gpu.accumulation_place(padded, int(inf.gpu_memory_gb * 2**30)) == "host":
             return predict_logits(data, backend, **run)
         try:
             return predict_logits(data, backend, accumulate="device", **run)
@@ -183,7 +176,7 @@ class Predictor:
             if "out of memory" not in str(error):
                 raise
             log.warning("GPU out of memory summing logits on the device; summing them in host memory")
-            backend.release()
+            gpu.release()
             return predict_logits(data, backend, **run)
 
     def segment(
@@ -202,15 +195,36 @@ class Predictor:
         'labels' mode without postprocessing wait to be brought back as they are written."""
         timings = timings if timings is not None else Timings()
         cfg = self.config
-        for model in self.models:
-            if hasattr(model.backend, "reset_peak"):
-                model.backend.reset_peak()
+        gpus = [gpu for model in self.models if (gpu := model.backend.gpu) is not None]
+        for gpu in gpus:
+            gpu.reset_peak()
+        pre = self._preprocess(volume, timings)
+        # one model exported as labels: the sliding window hands back labels, never all logits
+        as_labels = len(self.models) == 1 and cfg.export.mode == "labels"
+        with timings.stage("infer"):
+            prediction = self._ensemble(pre, on_tile, as_labels)
+        if gpus:
+            timings.notes["gpu_peak"] = f"{max(gpu.peak_bytes() for gpu in gpus) / 2**30:.2f}GB"
+        if as_labels and not self._postprocesses:
+            return Labels.of(prediction, pre)  # brought back to the input's grid as it is written
+        with timings.stage("export"):
+            labels = to_original_grid(prediction, pre, mode=cfg.export.mode, resampler=cfg.preprocess.resampler)
+        del prediction
+        if self._postprocesses:
+            with timings.stage("postprocess"):
+                labels = self._postprocess(labels, volume)
+        return Labels(labels)
+
+    def _preprocess(self, volume: io.Volume, timings: Timings) -> Preprocessed:
+        """The network's input; the tile shapes it needs compile in the background meanwhile, as
+        soon as preprocessing knows the shape, and what is left of that is timed as 'compile'."""
+        cfg = self.config
         compiling: list[Future] = []
 
-        def compile_tiles(shape_zyx: tuple[int, int, int]) -> None:  # while the voxels are prepared
+        def compile_tiles(shape_zyx: tuple[int, int, int]) -> None:
             for model in self.models:
                 backend = self._tile_backend(model, shape_zyx)
-                if hasattr(backend, "compile"):
+                if backend.needs_compile:
                     compiling.append(_COMPILER.submit(backend.compile))
 
         with timings.stage("preprocess"):
@@ -228,37 +242,34 @@ class Predictor:
         if compiling:
             for model in self.models:  # the fitted tile's Gaussian map (0.03 s) while its shape compiles
                 gaussian_importance(tuple(self._tile_backend(model, pre.data.shape[1:]).patch_zyx))
-            with timings.stage("compile"):  # the part of the fitted shape's compilation preprocessing left
+            with timings.stage("compile"):
                 for future in compiling:
                     future.result()
-        with timings.stage("infer"):
-            # one model exported as labels: the sliding window hands back labels, never all logits
-            as_labels = len(self.models) == 1 and cfg.export.mode == "labels"
-            pads = pre.pad_values
-            prediction = self._logits(pre.data, self.models[0], on_tile, labels=as_labels, pad_values=pads)
-            for model in self.models[1:]:
-                prediction += self._logits(pre.data, model, on_tile, pad_values=pads)
-            if len(self.models) > 1:
-                prediction /= len(self.models)
-        peaks = [p for m in self.models if hasattr(m.backend, "peak_bytes") and (p := m.backend.peak_bytes())]
-        if peaks:
-            timings.notes["gpu_peak"] = f"{max(peaks) / 2**30:.2f}GB"
-        post = cfg.postprocess
-        if as_labels and post.min_component_mm3 <= 0 and self.gate is None:
-            return Labels.of(prediction, pre)  # brought back to the input's grid as it is written
-        with timings.stage("export"):
-            labels = to_original_grid(prediction, pre, mode=cfg.export.mode, resampler=cfg.preprocess.resampler)
-        del prediction
-        if post.min_component_mm3 > 0 or self.gate is not None:
-            with timings.stage("postprocess"):
-                from flarebox.postprocess import gate_by_mask, remove_small_components  # scipy: here only
+        return pre
 
-                spacing = volume.geometry.spacing_zyx_mm
-                labels = remove_small_components(labels, spacing, post.min_component_mm3, post.label)
-                if self.gate is not None and (labels == post.label).any():
-                    labels = gate_by_mask(labels, self.gate.segment(volume) > 0, spacing, post.gate_margin_mm,
-                                          post.label)
-        return Labels(labels)
+    def _ensemble(self, pre: Preprocessed, on_tile: Callable[[int, int], None] | None,
+                  as_labels: bool) -> np.ndarray:
+        """The models' mean logits (or, for one model, its labels straight from the sliding window)."""
+        prediction = self._logits(pre.data, self.models[0], on_tile, labels=as_labels, pad_values=pre.pad_values)
+        for model in self.models[1:]:
+            prediction += self._logits(pre.data, model, on_tile, pad_values=pre.pad_values)
+        if len(self.models) > 1:
+            prediction /= len(self.models)
+        return prediction
+
+    @property
+    def _postprocesses(self) -> bool:
+        return self.config.postprocess.min_component_mm3 > 0 or self.gate is not None
+
+    def _postprocess(self, labels: np.ndarray, volume: io.Volume) -> np.ndarray:
+        """Small lesion components removed, then lesions outside the gate model's mask (with a margin)."""
+        from flarebox.postprocess import gate_by_mask, remove_small_components  # scipy: here only
+
+        post, spacing = self.config.postprocess, volume.geometry.spacing_zyx_mm
+        labels = remove_small_components(labels, spacing, post.min_component_mm3, post.label)
+        if self.gate is not None and (labels == post.label).any():
+            labels = gate_by_mask(labels, self.gate.segment(volume) > 0, spacing, post.gate_margin_mm, post.label)
+        return labels
 
 
 class Stopped(BaseException):  # noqa: N818 -- not an error: the process was asked to stop

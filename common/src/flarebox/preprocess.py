@@ -25,8 +25,9 @@ import numpy as np
 from flarebox.mind import MIND_CHANNELS
 from flarebox.models import ModelPlan, Normalization
 from flarebox.resample import resize_linear
-from flarebox.sliding_window import NNUNET_PADDING, PadValues
 
+PadValues = tuple[tuple[float, float], ...]  # per spatial axis: (before, after)
+NNUNET_PADDING: PadValues = ((0.0, 0.0), (0.0, 0.0), (0.0, 0.0))  # zeros, the normalised mean
 
 @dataclass(frozen=True)
 class Preprocessed:

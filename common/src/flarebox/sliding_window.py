@@ -12,25 +12,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from functools import lru_cache
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flarebox.parallel import over_slices
+from flarebox.preprocess import NNUNET_PADDING, PadValues
 
-
-class Backend(Protocol):
-    """What the sliding window needs from a network runtime."""
-
-    patch_zyx: tuple[int, int, int]
-    num_classes: int
-    precision: str  # what the network runs in (torch's fp16 setting runs f32 on the CPU)
-
-    def predict(self, tile: np.ndarray) -> np.ndarray:
-        """(1, c, *patch) float32 -> (1, k, *patch) float32 logits, which may live in the runtime's
-        own buffer (OpenVINO): the caller may change them, and must copy them to keep them past
-        the next call."""
-        ...
+if TYPE_CHECKING:
+    from flarebox.backends import Backend, TensorBackend
 
 
 def tile_starts(image_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], step_size: float) -> list[list[int]]:
@@ -81,10 +71,6 @@ def gaussian_importance(patch_zyx: tuple[int, ...], sigma_scale: float = 1.0 / 8
     weights = half.astype(np.float32) / np.float32(10.0)
     weights.setflags(write=False)
     return weights
-
-
-PadValues = tuple[tuple[float, float], ...]  # per spatial axis: (before, after)
-NNUNET_PADDING: PadValues = ((0.0, 0.0), (0.0, 0.0), (0.0, 0.0))
 
 
 def pad_to_patch(data: np.ndarray, patch_zyx: tuple[int, ...], values: PadValues = NNUNET_PADDING
@@ -173,7 +159,7 @@ def argmax_classes(scores: np.ndarray) -> np.ndarray:
 class _DeviceArrays:
     """torch on the backend's device (TorchBackend): tiles go up, only finished slices come back."""
 
-    def __init__(self, backend, padded: np.ndarray) -> None:
+    def __init__(self, backend: TensorBackend, padded: np.ndarray) -> None:
         import torch
 
         self.torch, self.backend, self.device = torch, backend, backend.device
@@ -223,8 +209,8 @@ def predict_logits(
     mirroring: average over the 7 flips of the three axes too (8x the work).
     on_tile: called as on_tile(done, total) after each tile, for progress reporting.
     accumulate: 'host' sums the weighted tiles in NumPy; 'device' sums them in torch on the
-        backend's device (a GPU: no logits cross the bus per tile), for backends with
-        `predict_tensor` and `device` (TorchBackend). `TorchBackend.accumulation_place` says which fits.
+        backend's device (a GPU: no logits cross the bus per tile), for a backend that runs torch
+        (`backend.tensors`); on a GPU, `backend.gpu.accumulation_place` says which fits.
     labels: return the argmax (uint8) instead of the logits: the full (k, z, y, x) logits never
         exist then, only one band of them.
     pad_values: what the network sees beyond an image smaller than the patch, per axis and side
@@ -244,9 +230,13 @@ def predict_logits(
     if accumulate == "device":
         import torch
 
+        tensors = backend.tensors
+        if tensors is None:
+            raise ValueError("accumulate='device' needs a backend that runs torch")
+
         # inference mode: the backend returns inference tensors, and summing them in place needs it
         with torch.inference_mode():
-            out = _band_sums(_DeviceArrays(backend, padded), backend, padded.shape[1:], slicers, mirroring, labels,
+            out = _band_sums(_DeviceArrays(tensors, padded), backend, padded.shape[1:], slicers, mirroring, labels,
                              on_tile)
     elif labels and padded.shape[2:] == patch[1:]:  # one tile per row: the tiles form a column along z
         out = _column_labels(_HostArrays(backend, padded), backend, padded.shape[1:], slicers, mirroring, on_tile)

@@ -1,17 +1,93 @@
-"""Network runtimes behind one small interface (see sliding_window.Backend).
+"""Network runtimes behind one interface, `Backend`, written here once.
 
 `load_backend` builds a complete, ready-to-run backend from a model folder in one call:
-OpenVINO on CPU (precision f32, bf16 or int8, from the IR that `flarebox convert` writes), or torch
-on CPU or CUDA (fp16 autocast on CUDA) straight from the nnU-Net checkpoints. Several folds are an
-ensemble: their logits are averaged.
+OpenVINO on CPU (precision f32, bf16 or int8, from the IR that `flarebox-tools convert` writes), or
+torch on CPU or CUDA (fp16 autocast on CUDA) straight from the nnU-Net checkpoints. Several folds
+are an ensemble: their logits are averaged. Two optional capabilities are explicit members, None
+where absent: `tensors` (torch tensors in and out, so the sliding window can sum where the network
+runs) and `gpu` (device memory measured and managed).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from flarebox.errors import ConfigError
 from flarebox.models import ModelPlan
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Backend(Protocol):
+    """What the pipeline and the sliding window call on a network runtime."""
+
+    patch_zyx: tuple[int, int, int]  # the tile shape it runs
+    num_classes: int
+    precision: str  # what the network runs in (torch's fp16 setting runs f32 on the CPU)
+    needs_compile: bool  # compile() does work (OpenVINO compiles each tile shape; torch runs eagerly)
+
+    def predict(self, tile: np.ndarray) -> np.ndarray:
+        """(1, c, *patch) float32 -> (1, k, *patch) float32 logits, which may live in the runtime's
+        own buffer (OpenVINO): the caller may change them, and must copy them to keep them past
+        the next call."""
+        ...
+
+    def for_patch(self, patch_zyx: tuple[int, int, int]) -> Backend:
+        """The same model for another tile shape (fitted tiles)."""
+        ...
+
+    def compile(self) -> None:
+        """Make this tile shape ready now rather than on the first tile (the pipeline does it while
+        the voxels are prepared)."""
+        ...
+
+    @property
+    def tensors(self) -> TensorBackend | None:
+        """The runtime's torch interface where it runs torch (any device), else None (OpenVINO)."""
+        ...
+
+    @property
+    def gpu(self) -> GpuBackend | None:
+        """The GPU capabilities when the backend runs on a GPU, else None."""
+        ...
+
+
+class TensorBackend(Protocol):
+    """Tiles in and logits out as torch tensors on the backend's device (TorchBackend, any device):
+    what the sliding window needs to sum logits where the network runs."""
+
+    device: torch.device
+    patch_zyx: tuple[int, int, int]
+    num_classes: int
+
+    def predict_tensor(self, tile: torch.Tensor) -> torch.Tensor:
+        """(1, c, *patch) on any device -> (1, k, *patch) float32 logits on the backend's device."""
+        ...
+
+
+class GpuBackend(Protocol):
+    """What a backend on a GPU adds (TorchBackend on CUDA): its memory, measured and managed."""
+
+    def accumulation_place(self, padded_shape_zyx: tuple[int, ...], budget_bytes: int) -> str:
+        """'device' when the sliding window's sums fit the GPU budget beside a tile, else 'host'."""
+        ...
+
+    def reset_peak(self) -> None:
+        """Start measuring the peak device memory afresh (before a case)."""
+        ...
+
+    def peak_bytes(self) -> int:
+        """Peak device memory allocated since reset_peak."""
+        ...
+
+    def release(self) -> None:
+        """Give cached device memory back (after a case, or an out-of-memory error)."""
+        ...
+
 
 BACKENDS = ("openvino", "torch")
 PRECISIONS = {"openvino": ("f32", "bf16", "int8"), "torch": ("f32", "fp16", "bf16")}
@@ -27,7 +103,7 @@ def load_backend(
     checkpoint: str = "checkpoint_final.pth",
     threads: int = 0,
     cache_dir: Path | None = None,
-):
+) -> Backend:
     """A backend for `plan` (see the module docstring); raises ConfigError naming what is missing."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {BACKENDS}")

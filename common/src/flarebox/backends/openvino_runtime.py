@@ -21,10 +21,10 @@ def ir_path(plan: ModelPlan, fold: int, precision: str) -> Path:
 
 
 def verify_manifest(plan: ModelPlan, paths: list[Path]) -> None:
-    """Check IR files against the sha256 recorded by `flarebox convert`, so a stale IR never runs."""
+    """Check IR files against the sha256 recorded by `flarebox-tools convert`, so a stale IR never runs."""
     manifest_path = plan.folder / "openvino" / "manifest.json"
     if not manifest_path.is_file():
-        raise ConfigError(f"{manifest_path}: missing; run `flarebox convert` on the model folder")
+        raise ConfigError(f"{manifest_path}: missing; run `flarebox-tools convert` on the model folder")
     manifest = json.loads(manifest_path.read_text())["files"]
     for xml in paths:
         for part in (xml, xml.with_suffix(".bin")):
@@ -34,6 +34,11 @@ def verify_manifest(plan: ModelPlan, paths: list[Path]) -> None:
 
 
 class OpenVINOBackend:
+    """A `Backend` (backends/__init__.py) on OpenVINO's CPU plugin; never a GPU one."""
+
+    needs_compile = True  # each tile shape is compiled once, on first use or by compile()
+    tensors = None
+    gpu = None
     def __init__(
         self,
         plan: ModelPlan,
@@ -49,7 +54,7 @@ class OpenVINOBackend:
         paths = [ir_path(plan, fold, precision) for fold in folds]
         for path in paths:
             if not path.is_file():
-                raise ConfigError(f"{path}: missing; run `flarebox convert` (with --int8 for int8)")
+                raise ConfigError(f"{path}: missing; run `flarebox-tools convert` (with calibration images for int8)")
         verify_manifest(plan, paths)
         core = ov.Core()
         if cache_dir is not None and (cache_dir.is_dir() or os.access(cache_dir.parent, os.W_OK)):

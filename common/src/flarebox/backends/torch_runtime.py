@@ -11,7 +11,10 @@ from flarebox.models import ModelPlan, load_network
 
 
 class TorchBackend:
-    """Networks in eval mode on one device; several networks are an ensemble (logits averaged)."""
+    """Networks in eval mode on one device; several networks are an ensemble (logits averaged).
+    A `Backend` and a `TensorBackend`; on CUDA also a `GpuBackend` (see backends/__init__.py)."""
+
+    needs_compile = False  # eager: nothing to prepare per tile shape
 
     def __init__(self, networks: list[torch.nn.Module], patch_zyx: tuple[int, int, int], num_classes: int, *,
                  device: str = "cpu", precision: str = "f32") -> None:
@@ -20,6 +23,7 @@ class TorchBackend:
         # fp16 is a CUDA setting: CPU kernels for it are slow or missing, so the CPU runs f32
         self.precision = "f32" if precision == "fp16" and self.device.type != "cuda" else precision
         self.networks = [network.to(self.device) for network in networks]
+        self._tile_peak: int | None = None  # measured on the first call of tile_peak_bytes
 
     @classmethod
     def from_plan(
@@ -67,17 +71,28 @@ class TorchBackend:
         return TorchBackend(self.networks, tuple(patch_zyx), self.num_classes, device=str(self.device),
                             precision=self.precision)
 
-    # ---- GPU memory: measured, not guessed -------------------------------------------------------
+    def compile(self) -> None:
+        """Nothing to do: torch runs each shape eagerly (cuDNN picks its kernels on the first tile)."""
+
+    # ---- GpuBackend on CUDA: logits summed on the device, memory measured, not guessed -----------
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def tensors(self) -> TorchBackend:
+        return self
+
+    @property
+    def gpu(self) -> TorchBackend | None:
+        return self if self.on_gpu else None
 
     def tile_peak_bytes(self) -> int:
         """Device memory one tile needs (weights, activations, workspace), measured once by running
         a zero tile; 0 off the GPU."""
         if not self.on_gpu:
             return 0
-        if not hasattr(self, "_tile_peak"):
+        if self._tile_peak is None:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             channels = next(self.networks[0].parameters()).shape[1]  # the first conv's input channels
@@ -101,9 +116,9 @@ class TorchBackend:
         if self.on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def peak_bytes(self) -> int | None:
-        """Peak device memory allocated by torch since reset_peak (None off the GPU)."""
-        return int(torch.cuda.max_memory_allocated(self.device)) if self.on_gpu else None
+    def peak_bytes(self) -> int:
+        """Peak device memory allocated by torch since reset_peak (0 off the GPU)."""
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.on_gpu else 0
 
     def release(self) -> None:
         """Give cached blocks back after a case (or an out-of-memory error)."""

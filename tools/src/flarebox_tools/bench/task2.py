@@ -89,8 +89,7 @@ def run_one(args: argparse.Namespace) -> None:
 
         def timed(self, tile: np.ndarray) -> np.ndarray:  # on the class: fitted-tile copies are timed too
             nonlocal network_seconds, tiles
-            if hasattr(self, "compile"):
-                self.compile()  # a tile shape's compilation is not the network's time
+            self.compile()  # a tile shape's compilation is not the network's time
             begin = time.perf_counter()
             out = predict(self, tile)
             network_seconds += time.perf_counter() - begin
