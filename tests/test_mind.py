@@ -147,8 +147,9 @@ def test_cuda_matches_cpu(mri_phantom):
 @pytest.fixture(scope="module")
 def mind_model_dir(tmp_path_factory):
     """A tiny 12-channel (MIND-SSC) model folder with random weights, as the trainer writes it."""
-    from flarebox.models import build_network, load_plan, save_checkpoint
+    from flarebox.models import build_network, load_plan
     from flarebox_tools.phantoms import ORGAN_LABELS
+    from flarebox_tools.training.checkpoint import save
     from flarebox_tools.training.config import NetworkSpec
     from flarebox_tools.training.plans import write_plans
 
@@ -159,7 +160,8 @@ def mind_model_dir(tmp_path_factory):
                        normalization="ZScoreNormalization", input_features="mind")
     write_plans(folder, spec, ORGAN_LABELS, channel_name="CT")
     torch.manual_seed(0)
-    save_checkpoint(build_network(load_plan(folder)), folder / "fold_0" / "checkpoint_final.pth")
+    save(folder / "fold_0" / "checkpoint_final.pth", build_network(load_plan(folder)), model_dir=folder, fold=0,
+         epochs_done=0, logging={}, best_ema=None, mirror_axes=(0, 1, 2))
     return folder
 
 
