@@ -220,6 +220,30 @@ def test_lesions_sit_in_organs_and_elsewhere_and_look_different():
     assert inside > 0 and outside > 0
 
 
+def test_lesion_patients_hold_a_lesion_and_the_others_share_their_anatomy():
+    """min_lesions=1 (lesion datasets: cancer patients) takes the lesion-free draw away and changes
+    nothing else of the patient."""
+    from flarebox_tools.phantoms import draw_patient
+
+    counts = []
+    for seed in range(40):
+        free, ill = draw_patient(np.random.default_rng(seed)), draw_patient(np.random.default_rng(seed), min_lesions=1)
+        counts.append((len(free.lesions), len(ill.lesions)))
+        assert ill.half_width_mm == free.half_width_mm and ill.fat_mm == free.fat_mm
+    assert min(c for _, c in counts) >= 1 and min(c for c, _ in counts) == 0
+
+
+def test_a_dataset_takes_its_phases_in_turn(tmp_path):
+    out = write_dataset(tmp_path / "ds", 2, 7, label_set="lesion", spacing_zyx_mm=(6.0, 6.0, 6.0),
+                        phases=("arterial", "portal-venous"))
+    for n, phase in enumerate(("arterial", "portal-venous")):
+        case = generate_case(7 + n, spacing_zyx_mm=(6.0, 6.0, 6.0), phase=phase, min_lesions=1)
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "imagesTr" / f"phantom_{7 + n:04d}_0000.nii.gz")))
+        np.testing.assert_array_equal(written, case.image_zyx)
+    with pytest.raises(ValueError, match="phase"):
+        write_dataset(tmp_path / "bad", 1, 0, phases=("delayed",))
+
+
 def test_written_dataset_is_nnunet_raw_with_matching_geometry(tmp_path):
     out = write_dataset(tmp_path / "ds", 2, 40, spacing_zyx_mm=COARSE)
     meta = json.loads((out / "dataset.json").read_text())

@@ -348,8 +348,9 @@ LESION_SITES = {  # reference centre and spread, mm
 }
 
 
-def draw_patient(rng: np.random.Generator, *, n_lesions: int | None = None) -> Patient:
-    """A random adult: body size and fat, organ positions and sizes, lesions, bowel and vessel fields."""
+def draw_patient(rng: np.random.Generator, *, n_lesions: int | None = None, min_lesions: int = 0) -> Patient:
+    """A random adult: body size and fat, organ positions and sizes, lesions (n_lesions, else a
+    random count of at least min_lesions), bowel and vessel fields."""
     # organs follow the frame (the cavity inside the muscle wall); fat only adds around it
     cavity_x = float(rng.uniform(110, 135))
     cavity_y = float(cavity_x * rng.uniform(0.62, 0.74))
@@ -364,7 +365,8 @@ def draw_patient(rng: np.random.Generator, *, n_lesions: int | None = None) -> P
         sizes[left] = sizes[right] * float(rng.uniform(0.93, 1.07))
     names = list(LESION_HOSTS)
     odds = np.array([LESION_HOSTS[n][0] for n in names], float)
-    count = int(rng.choice([0, 1, 1, 2, 2, 3, 4, 5])) if n_lesions is None else n_lesions
+    counts = [c for c in (0, 1, 1, 2, 2, 3, 4, 5) if c >= min_lesions] or [min_lesions]
+    count = int(rng.choice(counts)) if n_lesions is None else n_lesions
     lesions = []
     for _ in range(count):
         host = names[int(rng.choice(len(names), p=odds / odds.sum()))]
@@ -1114,6 +1116,7 @@ def _paint_on(patient: Patient, grids: Sequence[Grid]) -> list[np.ndarray]:
 def generate_case(seed: int, *, modality: str = "ct", anatomy: str = "synthetic", phase: str | None = None,
                   orientation: str | None = None, spacing_zyx_mm: Sequence[float] | None = None,
                   spacing_scale: float = 1.0, shape_zyx: Sequence[int] | None = None, n_lesions: int | None = None,
+                  min_lesions: int = 0,
                   template: str | Path = TEMPLATE_LABELS) -> Phantom:
     """One phantom, identical for identical arguments.
 
@@ -1128,7 +1131,7 @@ def generate_case(seed: int, *, modality: str = "ct", anatomy: str = "synthetic"
         tissue, grid = _template_case(rng, Path(template), orientation=orientation, spacing_zyx_mm=spacing_zyx_mm,
                                       spacing_scale=spacing_scale, shape_zyx=shape_zyx)
         return _render(tissue, grid, rng, modality, phase, oral_contrast=False)
-    patient = draw_patient(rng, n_lesions=n_lesions)
+    patient = draw_patient(rng, n_lesions=n_lesions, min_lesions=min_lesions)
     grid = _patient_grid(rng, patient, orientation, spacing_zyx_mm, spacing_scale, shape_zyx)
     (tissue,) = _paint_on(patient, [grid])
     return _render(tissue, grid, rng, modality, phase, patient.oral_contrast)
@@ -1203,7 +1206,9 @@ def write_dataset(out_dir: str | Path, n_cases: int, seed: int, *, modality: str
                   spacing_scale: float = 1.0, prefix: str = "phantom", phases: Sequence[str] | None = None,
                   on_case: Callable[[str, float], None] | None = None, keep_existing: bool = False) -> Path:
     """An nnU-Net raw dataset: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json.
-    Case n uses seed `seed + n`; `on_case(case_id, seconds)` is called after each. phases: the CT
+    Case n uses seed `seed + n`; `on_case(case_id, seconds)` is called after each. A lesion dataset's
+    patients hold at least one lesion each (cancer patients, as in FLARE's Task 1; it may still lie
+    outside the field of view), an organ dataset's 0 to 5. phases: the CT
     contrast phases the cases take in turn (None: each case draws one of all three). keep_existing:
     a case whose image is already there is not made again (an interrupted run goes on)."""
     _check_choice("label_set", label_set, ("organs", "lesion"))
@@ -1216,7 +1221,8 @@ def write_dataset(out_dir: str | Path, n_cases: int, seed: int, *, modality: str
         if keep_existing and (out_dir / "imagesTr" / f"{case_id}_0000.nii.gz").is_file():
             continue
         phantom = generate_case(seed + n, modality=modality, anatomy=anatomy, spacing_zyx_mm=spacing_zyx_mm,
-                                spacing_scale=spacing_scale, phase=phases[n % len(phases)] if phases else None)
+                                spacing_scale=spacing_scale, phase=phases[n % len(phases)] if phases else None,
+                                min_lesions=1 if label_set == "lesion" else 0)
         write_case(phantom, out_dir / "imagesTr", out_dir / "labelsTr", case_id, label_set)
         if on_case is not None:
             on_case(case_id, time.perf_counter() - start)
