@@ -191,8 +191,8 @@ def _sampling_lines(choice: Choice) -> list[str]:
 def _figures(rows: list[CaseRow], task: str, limits: Limits, report: Path,
              overlays: dict[str, tuple[Path | None, Path | None, Path]]) -> tuple[list[str], str]:
     if not figs.matplotlib_available():
-        return [], ("No figures: matplotlib is not installed in this environment (common's `dev` extra pins it: "
-                    "`pip install -c common/constraints.txt -e 'common[dev]'`).")
+        return [], ("No figures: matplotlib is not installed in this environment (flarebox-tools pins it: "
+                    "`pip install -c common/constraints.txt -e common -e tools`).")
     written = [figs.dsc_boxplot(rows, task, report / "dsc_per_class.png")]
     if any(r.seconds is not None for r in rows):
         written.append(figs.time_vs_size(rows, task, limits, report / "time_vs_size.png"))
