@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def leave_now(code: int) -> NoReturn:
     """End a `predict` process without the interpreter's teardown (OpenVINO's plugin and threads
-    unloaded, every array freed one by one): 0.1-0.17 s of a container's run, after every output
+    unloaded, every array freed one by one), which is time the organisers count, after every output
     has been written, closed and renamed (run_folder joins its writer before it returns)."""
     logging.shutdown()
     sys.stdout.flush()

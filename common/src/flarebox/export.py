@@ -4,11 +4,11 @@ Undoes preprocessing in reverse: resample to the cropped original shape, put the
 the full (transposed) grid with background around it, and transpose back. Two ways to resample:
 
 - 'labels': argmax at network resolution, then nearest-neighbour labels to full resolution.
-  0.16 s for a 512x512x300 CT on two cores; boundaries are as coarse as the network's grid.
+  Fast; boundaries are as coarse as the network's grid.
 - 'logits': trilinear resampling of the logits, then argmax (what nnU-Net does, with linear
-  instead of its cubic in-plane interpolation). Smooth boundaries, but ~10 s for 14 classes at
-  512x512x300 on two cores, more than the whole INT8 network. Done in slabs of output slices so
-  memory stays at one slab of full-resolution logits.
+  instead of its cubic in-plane interpolation). Smooth boundaries, but it resamples every class at
+  full resolution: slower than the whole INT8 network (docs/benchmarks.md, engine choices). Done in
+  slabs of output slices so memory stays at one slab of full-resolution logits.
 
 In 'labels' mode a single model's result can also wait, as `Labels`, until it is written: the
 writer then takes the full grid a few slices at a time (`Labels.slabs`), so the 78 MB of a
@@ -86,8 +86,8 @@ class Labels:
 
     def slabs(self, slices: int = 16) -> Iterator[np.ndarray]:
         """The label map as consecutive blocks of `slices` whole z-slices, in file order. Each block
-        is the same reused buffer, valid until the next is asked for: 4 MB at a time for a 512x512
-        grid, warm in the cache, instead of a fresh 78 MB grid (0.05-0.2 s of first touch here)."""
+        is the same reused buffer, valid until the next is asked for: a few MB, warm in the cache,
+        instead of a fresh full grid whose pages are first touched."""
         if self.shape_before_crop is None or tuple(self.transpose_backward) != (0, 1, 2):
             whole = self.array()  # a slab of the input's z is not one of the network's: no gain
             for start in range(0, whole.shape[0], slices):

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 
 def itk() -> ModuleType:
-    """SimpleITK, imported when first wanted: its import (0.06 s) need not delay the first read,
-    whose inflate needs only ISA-L (run_folder imports it beside that inflate)."""
+    """SimpleITK, imported when first wanted: its import need not delay the first read, whose
+    inflate needs only ISA-L (run_folder imports it beside that inflate)."""
     import SimpleITK
 
     return SimpleITK
@@ -253,11 +253,10 @@ def read_image(path: Path) -> Volume:
     """Read a 3D NIfTI image as a (z, y, x) volume in the file's voxel type (float when the header
     scales the values) with ITK's geometry: a CT stays int16, half the memory and bandwidth of float32
     until preprocessing has cropped it. The array is read-only. Plain files (3D, little-endian,
-    unscaled: nearly every CT and MRI) are inflated by ISA-L in one call, ~20 % faster than ITK's
-    zlib (0.39 against 0.50 s for a 72 MB CT); ITK reads only their header. One call, not a stream,
-    because ISA-L's streaming reader takes the GIL for every chunk: beside a busy Python thread (the
-    model loading while the first case is read) it took 1.9 s instead of 0.45; one call takes 0.40 s
-    alone and beside it.
+    unscaled: nearly every CT and MRI) are inflated by ISA-L in one call, faster than ITK's zlib;
+    ITK reads only their header. One call, not a stream, because ISA-L's streaming reader takes the
+    GIL for every chunk and crawls beside a busy Python thread (the model loading while the first
+    case is read). Figures: docs/benchmarks.md, engine choices.
     Every other file goes through ITK whole."""
     path = Path(path)
     header, isize = _check_nifti_file(path)
@@ -419,9 +418,8 @@ def remove_partial_outputs(output_dir: Path, case_ids: Iterable[str]) -> None:
 def write_labels(path: Path, labels_zyx: np.ndarray | Iterable[np.ndarray], geometry: Geometry,
                  compression_level: int = 1) -> None:
     """Write uint8 labels on the given geometry as a gzip-compressed NIfTI-1 file, atomically
-    (temporary file in the same folder, then rename). ISA-L deflates (levels 0-3): at level 1 a
-    512x512x300 label map takes 0.01 s when smooth and 0.18 s when speckled, where ITK's zlib at its
-    fastest level takes 0.11 and 0.73 s.
+    (temporary file in the same folder, then rename). ISA-L deflates (levels 0-3), several times
+    faster than ITK's zlib at its fastest level (docs/benchmarks.md, engine choices).
 
     labels_zyx: the (z, y, x) label map, or its consecutive blocks of whole z-slices, deflated as
         they come (`export.Labels.slabs`), so the whole map need never be in memory."""

@@ -7,7 +7,7 @@ too much, and every case after it is lost. So each case's need is estimated from
 
 The estimate counts the large arrays of the data path (the read voxels, the float32 crop and its
 resampled copy, the padded network input, the sliding window's band, the labels on both grids) with
-a margin, and is checked against measured peaks by `tools/src/flarebox_tools/bench/memory.py` (docs/benchmarks.md).
+a margin, and is checked against measured peaks by `make bench-memory` (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -240,7 +240,7 @@ class Predictor:
                 on_shape=compile_tiles,
             )
         if compiling:
-            for model in self.models:  # the fitted tile's Gaussian map (0.03 s) while its shape compiles
+            for model in self.models:  # the fitted tile's Gaussian map while its shape compiles
                 gaussian_importance(tuple(self._tile_backend(model, pre.data.shape[1:]).patch_zyx))
             with timings.stage("compile"):
                 for future in compiling:

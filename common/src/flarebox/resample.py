@@ -3,11 +3,11 @@
 Linear resampling uses half-voxel-centre alignment (torch's align_corners=False, scipy's grid_mode):
 output voxel j samples input coordinate (j + 0.5) * n_in / n_out - 0.5, clamped to the image.
 Trilinear interpolation is separable, so the NumPy engine resizes one axis at a time (two gathers
-and a blend per axis), on two threads. Measured on two cores (512x512x300 CT to 2.5 mm, `make
-bench`): this NumPy engine 0.07 s, torch 0.09-0.12 s, scipy.ndimage.zoom 0.27 s, SimpleITK 0.35 s. But
-importing torch costs ~0.7 s, so 'auto' uses torch only in a process that has it loaded already
-(the torch backend) and NumPy otherwise (the OpenVINO path, and the Task 2 image, which has no
-torch at all): the same input gives the same labels locally and in the image.
+and a blend per axis), on two threads: faster than torch, scipy.ndimage.zoom and SimpleITK here
+(docs/benchmarks.md, engine choices). Importing torch costs more than any of them, so 'auto' uses
+torch only in a process that has it loaded already (the torch backend) and NumPy otherwise (the
+OpenVINO path, and the Task 2 image, which has no torch at all): the same input gives the same
+labels locally and in the image.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 def resize_nearest(labels: np.ndarray, shape_zyx: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
     """Nearest-neighbour resize of a (z, y, x) label map by index gathering (no interpolation).
 
-    One axis at a time: three contiguous gathers are 3x faster than one np.ix_ gather here. The
+    One axis at a time: three contiguous gathers beat one np.ix_ gather. The
     last (largest) gather runs on the CPU's threads split along z, straight into `out` when given
     (a view into a larger array, say): no full-size intermediate."""
     changed = [axis for axis, (n_in, n_out) in enumerate(zip(labels.shape, shape_zyx, strict=True)) if n_in != n_out]

@@ -61,13 +61,13 @@ def gaussian_importance(patch_zyx: tuple[int, ...], sigma_scale: float = 1.0 / 8
     peak of 10 and rounded to float16, where weights under float16's range become 0 and are then
     raised to the smallest nonzero weight. Far from the centre that differs from the exact Gaussian
     by orders of magnitude, and it decides how overlapping tiles blend at the image border, so it
-    is kept for parity. 0.03 s for a 40x160x160 patch: the pipeline makes a fitted tile's map while
-    that shape compiles."""
+    is kept for parity. It takes a noticeable moment for a large patch: the pipeline makes a fitted
+    tile's map while that shape compiles."""
     z, y, x = (_gaussian_kernel(p * sigma_scale, p) for p in patch_zyx)
     weights = (z[:, None, None] * y[None, :, None]) * x[None, None, :]  # gaussian_filter's axis order
     half = (weights * (10.0 / weights.max())).astype(np.float16)
     bits = half.view(np.uint16)  # the weights are >= 0, whose float16 bits order as their values do
-    bits[bits == 0] = bits[bits != 0].min()  # half[half == 0] = half[half > 0].min(), 10x faster
+    bits[bits == 0] = bits[bits != 0].min()  # half[half == 0] = half[half > 0].min(), on the bits
     weights = half.astype(np.float32) / np.float32(10.0)
     weights.setflags(write=False)
     return weights
@@ -141,8 +141,7 @@ def argmax_classes(scores: np.ndarray) -> np.ndarray:
     """np.argmax(scores, axis=0) as uint8 (first maximum wins, as there), for (k, z, y, x) float
     scores with k < 256, on the CPU's threads split along z: the maximum over the classes in one
     reduction, then each class, last to first, marks where it reaches it. NumPy's own argmax over a
-    leading axis transposes the whole array first: on 14 x 30 x 160 x 192 scores it takes 0.05-0.06 s,
-    this 0.012-0.015 s on two threads (a running maximum, three passes a class, took 0.018)."""
+    leading axis transposes the whole array first (docs/benchmarks.md, engine choices)."""
     labels = np.zeros(scores.shape[1:], dtype=np.uint8)  # NaN scores equal nothing: label 0
 
     def run(part: slice) -> None:
@@ -251,9 +250,7 @@ def _column_labels(arrays: _HostArrays, backend: Backend, shape: tuple[int, ...]
     along z (fitted tiles on a body-cropped CT). A slice that one tile alone covers takes that
     tile's argmax: its Gaussian weight scales all classes alike. Only the slices where neighbouring
     tiles overlap are weighted and summed, in a carry as deep as the overlap: at step 0.75 about a
-    quarter of what a band one patch deep sums, shifts and clears. Ten 14 x 40 x 160 x 160 tiles in
-    a fresh process: 0.13-0.15 s of host work against the band's 0.31-0.38, and 16 MB of memory
-    first touched instead of 61."""
+    quarter of what a band one patch deep sums, shifts and clears, and a quarter of its memory."""
     k, depth = backend.num_classes, int(backend.patch_zyx[0])
     weights = gaussian_importance(tuple(backend.patch_zyx))
     starts = [region[0].start for region in slicers]

@@ -106,7 +106,7 @@ class OpenVINOBackend:
             if tuple(self.patch_zyx) != self._nominal_patch:
                 model = self._core.read_model(str(path))
                 model.reshape({0: [1, model.inputs[0].partial_shape[1].get_length(), *self.patch_zyx]})
-                # A fitted shape is the case's own: written to the cache it would cost 0.03 s (a 30 MB
+                # A fitted shape is the case's own: written to the cache it would cost time (a large
                 # blob) in a container discarded after the run; this process keeps it for later cases.
                 config = {**config, "CACHE_DIR": ""}
             requests.append(self._compile(self._core, model, config).create_infer_request())
@@ -114,8 +114,8 @@ class OpenVINOBackend:
 
     def predict(self, tile: np.ndarray) -> np.ndarray:
         self.compile()
-        # The request's own output buffer, not a copy: a fresh 70 MB array per tile cost ~0.03 s
-        # (the copy and the kernel's zeroing of new pages), 4 % of the network's time.
+        # The request's own output buffer, not a copy: a fresh logits array per tile costs the copy
+        # and the kernel's zeroing of new pages, a few % of the network's time.
         outs = [request.infer({0: tile}, share_inputs=True, share_outputs=True)[0] for request in self._requests]
         if len(outs) == 1:
             return outs[0]
