@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from flarebox.models import load_plan
 from flarebox_tools import nnunet_folders
@@ -57,3 +58,19 @@ def tiny_plan(tiny_model_dir):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def make_bad_folder(folder: Path) -> None:
+    folder.mkdir()
+    good = write_image(folder / "good_0000.nii.gz", ct_like((12, 40, 36)), spacing_xyz=(2, 2, 3))
+    data = good.read_bytes()
+    (folder / "corrupt_0000.nii.gz").write_bytes(data[:200] + bytes(b ^ 0x5A for b in data[200:400]) + data[400:])
+    (folder / "truncated_0000.nii.gz").write_bytes(data[: len(data) // 2])
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((30, 30), np.int16)), str(folder / "flat_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 8, 8, 8), np.int16), isVector=False),
+                    str(folder / "fourd_0000.nii.gz"))
+    nan = ct_like((12, 40, 36)).astype(np.float32)
+    nan[5, 5, 5] = np.nan
+    write_image(folder / "nan_0000.nii.gz", nan)
+    (folder / "notes_0000.nii.gz").write_text("a text file with the right name")
+    (folder / "readme.txt").write_text("not an image")
