@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flarebox.backends import BACKENDS, PRECISIONS
 from flarebox.errors import ConfigError
-from flarebox.export import EXPORT_MODES
-from flarebox.resample import ENGINES
+
+# The choices each setting allows, defined here once; the stages that take them check against these.
+BACKENDS = ("openvino", "torch")
+PRECISIONS = {"openvino": ("f32", "bf16", "int8"), "torch": ("f32", "fp16", "bf16")}
+EXPORT_MODES = ("labels", "logits")  # how export returns to the input grid (export.to_original_grid)
+ENGINES = ("auto", "torch", "numpy")  # linear resampling engines (resample.resize_linear)
 
 
 @dataclass(frozen=True)

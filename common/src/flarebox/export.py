@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flarebox.config import EXPORT_MODES
 from flarebox.preprocess import Preprocessed
 from flarebox.resample import linear_taps, nearest_indices, resize_linear, resize_nearest
-
-EXPORT_MODES = ("labels", "logits")
 
 
 def _logits_to_labels_trilinear(

@@ -17,9 +17,8 @@ import sys
 
 import numpy as np
 
+from flarebox.config import ENGINES
 from flarebox.parallel import over_slices
-
-ENGINES = ("auto", "torch", "numpy")
 
 
 def pick_engine(engine: str) -> str:

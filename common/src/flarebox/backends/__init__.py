@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from flarebox.config import BACKENDS, PRECISIONS
 from flarebox.errors import ConfigError
 from flarebox.models import ModelPlan
 
@@ -87,10 +88,6 @@ class GpuBackend(Protocol):
     def release(self) -> None:
         """Give cached device memory back (after a case, or an out-of-memory error)."""
         ...
-
-
-BACKENDS = ("openvino", "torch")
-PRECISIONS = {"openvino": ("f32", "bf16", "int8"), "torch": ("f32", "fp16", "bf16")}
 
 
 def load_backend(
