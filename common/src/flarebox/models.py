@@ -193,41 +193,39 @@ def load_plan(folder: str | Path, configuration: str = "3d_fullres") -> ModelPla
     )
 
 
-def build_network(plan: ModelPlan, deep_supervision: bool = False) -> Any:
-    """Instantiate the plan's torch network (dynamic-network-architectures), weights uninitialised."""
+def _known_classes() -> dict[str, Any]:
+    """The classes nnU-Net plans name, by their class name, imported here in plain sight (plans give
+    dotted paths, and classes move between releases: ResidualEncoderUNet left `residual_unet` for
+    `unet`, so a plan's path is matched on the class name)."""
+    import torch
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet, ResidualUNet
+
+    classes = (PlainConvUNet, ResidualEncoderUNet, ResidualUNet, torch.nn.Conv2d, torch.nn.Conv3d,
+               torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+               torch.nn.LeakyReLU, torch.nn.ReLU, torch.nn.Dropout2d, torch.nn.Dropout3d)
+    return {cls.__name__: cls for cls in classes}
+
+
+def _locate(dotted_name: str, what: str) -> Any:
+    """A class named in plans.json: one of the known classes, else (a custom architecture in a
+    user's folder) imported by its dotted path."""
     import pydoc
 
+    found = _known_classes().get(dotted_name.rsplit(".", 1)[-1]) or pydoc.locate(dotted_name)
+    if found is None:
+        raise ConfigError(f"plans.json: cannot import {dotted_name!r} for {what}")
+    return found
+
+
+def build_network(plan: ModelPlan, deep_supervision: bool = False) -> Any:
+    """Instantiate the plan's torch network (dynamic-network-architectures), weights uninitialised."""
     kwargs = dict(plan.architecture.kwargs)
     for key in plan.architecture.requires_import:
         if kwargs.get(key) is not None:
-            located = pydoc.locate(kwargs[key])
-            if located is None:
-                raise ConfigError(f"plans.json: cannot import {kwargs[key]!r} for {key}")
-            kwargs[key] = located
-    network_class = pydoc.locate(plan.architecture.class_name) or _find_architecture(plan.architecture.class_name)
-    if network_class is None:
-        raise ConfigError(f"plans.json: cannot import network class {plan.architecture.class_name!r}")
+            kwargs[key] = _locate(kwargs[key], key)
+    network_class = _locate(plan.architecture.class_name, "the network class")
     kwargs["deep_supervision"] = deep_supervision
     return network_class(input_channels=plan.num_input_channels, num_classes=plan.num_classes, **kwargs)
-
-
-def _find_architecture(dotted_name: str) -> Any:
-    """Classes move between dynamic-network-architectures releases (ResidualEncoderUNet left
-    `residual_unet` for `unet`); plans keep the old path, so look the class up by its name."""
-    import importlib
-    import pkgutil
-
-    import dynamic_network_architectures.architectures as package
-
-    name = dotted_name.rsplit(".", 1)[-1]
-    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
-        try:
-            module = importlib.import_module(info.name)
-        except Exception:  # noqa: BLE001 - optional extras (timm, torchvision) some architectures need
-            continue
-        if isinstance(getattr(module, name, None), type):
-            return getattr(module, name)
-    return None
 
 
 def checkpoint_path(plan: ModelPlan, fold: int, checkpoint: str = "checkpoint_final.pth") -> Path:
