@@ -250,19 +250,24 @@ def run(task_name: str, out: Path, *, work: Path, n_train: int, n_held_out: int,
     return scores
 
 
-def ship(task_name: str, final: Path, out: Path, *, raw: Path, held_out: Path,
-         task_config: Path | None = None) -> dict:
-    """The trained model into `out`: plans, dataset and the final checkpoint without optimizer state,
-    OpenVINO IR where the task runs it (INT8 calibrated on four training phantoms), scores."""
-    task = TASKS[task_name]
-    model = final.parents[1]
-    state = load(final)
+def install_model(model: Path, out: Path) -> None:
+    """What a container needs of a trained model folder into `out`, after removing what an earlier
+    demo wrote there: plans, dataset and the final checkpoint without optimizer state."""
     out.mkdir(parents=True, exist_ok=True)
     clear_model_folder(out)
     for name in SHIPPED:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(model / name, out / name)
-    strip_optimizer(out / SHIPPED[-1])  # the shipped checkpoint: weights and metadata, no optimizer state
+    strip_optimizer(out / SHIPPED[-1])
+
+
+def ship(task_name: str, final: Path, out: Path, *, raw: Path, held_out: Path,
+         task_config: Path | None = None) -> dict:
+    """The trained model into `out`: plans, dataset and the final checkpoint without optimizer state,
+    OpenVINO IR where the task runs it (INT8 calibrated on four training phantoms), scores."""
+    task = TASKS[task_name]
+    state = load(final)
+    install_model(final.parents[1], out)
     if task.openvino:
         from flarebox_tools.convert import convert_model
 

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from flarebox_tools import phantoms
 from flarebox_tools.metrics import ORGAN_NAMES, score_case
 from flarebox_tools.training.checkpoint import strip_optimizer
 from flarebox_tools.training.config import NetworkSpec, TrainConfig, replace
-from flarebox_tools.training.demo import DEMO_TRAINING
+from flarebox_tools.training.demo import DEMO_TRAINING, install_model
 from flarebox_tools.training.transfer import N_ORGANS, TransferConfig, predictor_for
 from flarebox_tools.training.transfer import run as run_pipeline
 
@@ -50,7 +49,6 @@ DEMO_NETWORK = NetworkSpec(
     spacing_zyx_mm=(4.0, 3.5, 3.5), patch_zyx=(32, 64, 64), normalization="ZScoreNormalization")
 SEQUENCES = ("t1", "t2")
 DEMO_EPOCHS = 80  # x 25 steps, for each of the four trainings
-SHIPPED = ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth")
 
 
 def in_scanner_frame(sequences: dict[str, phantoms.Phantom]) -> dict[str, phantoms.Phantom]:
@@ -164,19 +162,6 @@ def markdown(scores: dict) -> str:
     return "\n".join(lines)
 
 
-def _copy_model(source: Path, target: Path) -> None:
-    """Only what the container needs: plans, dataset, the final checkpoint (optimizer stripped)."""
-    for name in ("fold_0", *SHIPPED[:2], "scores.json", "scores.md"):
-        path = target / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    for name in SHIPPED:
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / name, target / name)
-
-
 def run(out: Path, mind_out: Path | None, work: Path, *, minutes: float | None, n_ct: int, n_mri: int,
         n_held_out: int, seed: int, min_organs: int, min_selected: int, epochs: int = DEMO_EPOCHS) -> dict:
     start = time.perf_counter()
@@ -237,13 +222,11 @@ def run(out: Path, mind_out: Path | None, work: Path, *, minutes: float | None, 
     scores["held_out"] = {"patients": n_held_out, "images": 2 * n_held_out, "seed": seed + 10_000}
     scores["minutes"] = (time.perf_counter() - start) / 60
 
-    out.mkdir(parents=True, exist_ok=True)
-    _copy_model(final, out)
+    install_model(final, out)
     (out / "scores.json").write_text(json.dumps(scores, indent=2, default=list) + "\n")
     (out / "scores.md").write_text(markdown(scores))
     if mind_out is not None:
-        mind_out.mkdir(parents=True, exist_ok=True)
-        _copy_model(work / "pipeline" / "1_mind_model", mind_out)
+        install_model(work / "pipeline" / "1_mind_model", mind_out)
         (mind_out / "scores.md").write_text("# Task 3 MIND model (zero-shot mode)\n\nScores: see ../model/scores.md, "
                                             "column 'MIND model, zero-shot'.\n")
     log.info("demo done in %.1f min", scores["minutes"])
