@@ -240,7 +240,10 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
-BF16_GRADIENT_TOLERANCE = 0.25  # relative, per parameter tensor: bf16 rounding gives ~0.3-3 %
+# relative, per parameter tensor. At initialisation bf16 rounding alone moves the small gradients of
+# the deep stages' norms by up to ~60 % in our demo networks (0.3 % for one convolution); the broken
+# kernel below gives 100 %, 1e37 or NaN.
+BF16_GRADIENT_TOLERANCE = 0.75
 
 
 def bf16_gradients_agree(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor | None,
@@ -261,8 +264,8 @@ def bf16_gradients_agree(network: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     network.zero_grad(set_to_none=True)
     pairs = [(r, g) for r, g in zip(*grads, strict=True) if r is not None and g is not None]
     # A convolution's bias before instance normalisation has a gradient of ~0 (the norm removes the
-    # mean): its relative error means nothing, so no tensor is held to less than 1 % of the median norm.
-    floor = 0.01 * float(torch.stack([r.norm() for r, _ in pairs]).median())
+    # mean): its relative error means nothing, so no tensor is held to less than 10 % of the median norm.
+    floor = 0.1 * float(torch.stack([r.norm() for r, _ in pairs]).median())
     for reference, got in pairs:
         if not bool(torch.isfinite(got).all()):
             return False
