@@ -3,6 +3,7 @@
     flarebox-tools evaluate -t TASK -i IMAGES -g LABELS -r REPORT   the organisers' evaluation, scored
     flarebox-tools convert MODEL [--calibration-dir IMAGES]         OpenVINO IR, INT8 with calibration
     flarebox-tools train --dataset RAW --out MODEL --config train.toml  train a model folder
+    flarebox-tools transfer --ct CT_RAW --mri MRI_DIR --work DIR    Task 3: MRI models from labelled CT
     flarebox-tools demo --task task2 --out MODEL --work DIR         the bundled demo weights
     flarebox-tools transfer-demo --out MODEL --work DIR             Task 3's CT-to-MRI demo weights
     flarebox-tools phantoms --out DIR --n 20                        synthetic CT/MRI phantoms
@@ -39,6 +40,12 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
+def _transfer(argv: list[str]) -> int:
+    from flarebox_tools.training.transfer import main
+
+    return main(argv)
+
+
 def _demo(argv: list[str]) -> int:
     from flarebox_tools.training.demo import main
 
@@ -64,8 +71,8 @@ def _realism(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "evaluate": _evaluate, "convert": _convert, "train": _train, "demo": _demo, "transfer-demo": _transfer_demo,
-    "phantoms": _phantoms, "realism": _realism,
+    "evaluate": _evaluate, "convert": _convert, "train": _train, "transfer": _transfer, "demo": _demo,
+    "transfer-demo": _transfer_demo, "phantoms": _phantoms, "realism": _realism,
 }
 
 

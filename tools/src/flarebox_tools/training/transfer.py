@@ -1,6 +1,6 @@
 """Task 3's transfer pipeline: MRI organ models learned from labelled CT and unlabelled MRI, one command.
 
-    python -m flarebox_tools.training.transfer --ct CT_RAW --mri MRI_DIR --work WORK [--config train.toml]
+    flarebox-tools transfer --ct CT_RAW --mri MRI_DIR --work WORK [--config train.toml]
         [--minutes 8] [--t1-sequence t1] [--min-organs 13] [--mri-labels TRUTH_DIR]
 
 In: CT_RAW, an nnU-Net raw dataset with the 13 FLARE organs (imagesTr/<case>_0000.nii.gz,
@@ -430,8 +430,7 @@ def run(ct_dir: Path, mri_dir: Path, work: Path, config: TransferConfig, truth_d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flarebox_tools.training.transfer",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="flarebox-tools transfer", description=__doc__.splitlines()[0])
     parser.add_argument("--ct", required=True, help="labelled CT, nnU-Net raw layout (imagesTr, labelsTr)")
     parser.add_argument("--mri", required=True, help="unlabelled MRI: <patient>_<sequence>_0000.nii.gz")
     parser.add_argument("--work", required=True, help="where every step's output goes (rerun to resume)")
