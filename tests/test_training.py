@@ -157,6 +157,25 @@ def test_foreground_oversampling_rate_and_class_balance():
     assert abs((forced == 2).sum() / (forced > 0).sum() - 0.5) < 0.08  # classes equally likely, not by size
 
 
+def test_a_forced_voxel_lands_anywhere_in_the_patch_not_at_its_centre():
+    """A one-voxel class far from the borders: every forced patch holds it, at positions spread over
+    the whole patch (a centred patch taught the Task 1 demo that lesions sit at tile centres)."""
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[20, 20, 20] = 1
+    case = TrainingCase("dot", np.zeros((1, 40, 40, 40), np.float32), labels, {1: np.array([[20, 20, 20]])})
+    rng = np.random.default_rng(0)
+    where = []
+    for _ in range(400):
+        batch = sample_batch([case], 1, (8, 12, 16), rng, oversampling=1.0)
+        found = np.argwhere(batch.labels[0] == 1)
+        assert len(found) == 1
+        where.append(found[0])
+    where = np.array(where)
+    for axis, size in enumerate((8, 12, 16)):
+        assert set(where[:, axis]) == set(range(size))  # every position along each axis
+        assert abs(where[:, axis].mean() - (size - 1) / 2) < 1.0
+
+
 def test_crop_pads_outside_the_image_and_rank_batches_add_up():
     array = np.arange(27, dtype=np.float32).reshape(3, 3, 3) + 1
     out = crop(array, np.array([-1, 0, 2]), (3, 3, 3))

@@ -3,8 +3,12 @@
 Each sample of a batch comes from a uniformly chosen training case. With probability
 `oversampling` (nnU-Net: 0.33) it is forced to hold foreground: one of the foreground classes
 present in that case is chosen uniformly (class-balanced, so a small organ is as likely as the
-liver), then one of its voxels, and the patch is centred on it (clipped to the image). Otherwise the
-patch lies anywhere inside the image (along an axis where the image is smaller than the patch, the
+liver), then one of its voxels, and the patch is placed so that the voxel lands anywhere in it,
+uniformly (clipped to the image). nnU-Net centres the patch on the voxel instead; then a small
+structure always sits at the patch's centre, and the network learns that: the Task 1 demo found
+half of a centred lesion's voxels but a tenth through the sliding window, whose tiles sit wherever
+they fall, and marked lesion at tile centres (docs/training.md). Otherwise the patch lies anywhere
+inside the image (along an axis where the image is smaller than the patch, the
 image lies anywhere inside the patch). This is nnU-Net's `probabilistic_oversampling`; its default
 instead forces the last round(0.33 * batch) samples of a batch, which is 50 % for a batch of 2 and
 0 % for a torchrun rank holding 1.
@@ -33,15 +37,17 @@ class Batch:
 
 
 def patch_start(shape_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], rng: np.random.Generator,
-                centre_zyx: np.ndarray | None) -> np.ndarray:
-    """Start corner of a patch: random, or centred on `centre_zyx`; may be negative (padding)."""
+                voxel_zyx: np.ndarray | None) -> np.ndarray:
+    """Start corner of a patch: random, or holding `voxel_zyx` at a uniformly random place in it;
+    may be negative (padding)."""
     shape, patch = np.asarray(shape_zyx), np.asarray(patch_zyx)
     pad = np.maximum(patch - shape, 0)
     low = -(pad // 2)  # an image smaller than the patch sits anywhere inside it, as in nnU-Net
     high = shape + pad // 2 + pad % 2 - patch
-    if centre_zyx is None:
+    if voxel_zyx is None:
         return np.array([rng.integers(lo, hi + 1) for lo, hi in zip(low, high, strict=True)])
-    return np.clip(np.asarray(centre_zyx) - patch // 2, low, high)
+    offset = np.array([rng.integers(0, p) for p in patch])  # where in the patch the voxel lands
+    return np.clip(np.asarray(voxel_zyx) - offset, low, high)
 
 
 def crop(array: np.ndarray, start_zyx: np.ndarray, size_zyx: tuple[int, ...]) -> np.ndarray:
@@ -75,12 +81,12 @@ def sample_batch(
     images, labels, ids, forced = [], [], [], []
     for _ in range(batch_size):
         case = cases[int(rng.integers(len(cases)))]
-        centre, label = None, 0
+        voxel, label = None, 0
         if rng.random() < oversampling and case.class_locations:
             label = int(rng.choice(sorted(case.class_locations)))
             locations = case.class_locations[label]
-            centre = locations[int(rng.integers(len(locations)))]
-        start = patch_start(case.labels.shape, patch_zyx, rng, centre) - margin
+            voxel = locations[int(rng.integers(len(locations)))]
+        start = patch_start(case.labels.shape, patch_zyx, rng, voxel) - margin
         images.append(crop(case.image, start, region))
         labels.append(crop(case.labels, start, region))
         ids.append(case.case_id)
