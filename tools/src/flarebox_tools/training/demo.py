@@ -87,9 +87,8 @@ TASKS = {
     # (8 x 13 x 13 cm): 16x fewer voxels per case, so two CPU cores take 1.6 steps a second, and a
     # 1 cm3 lesion is still 100 voxels. A 48x96x96 patch costs 3.5x a step (docs/training.md) and
     # ~400 steps of it ended at validation DSC 0.00: lesions are rare voxels, hence half the patches
-    # lesion-centred and Dice over the batch (nnU-Net's batch Dice, for small structures). This
-    # recipe does not yet segment lesions: with 90 % or 50 % lesion-centred patches, 1,500 steps
-    # mark 5-30x the lesion volume as lesion, on training cases too (docs/training.md).
+    # forced to hold a lesion (anywhere in the patch: centred ones taught the network that lesions
+    # sit at tile centres) and Dice over the batch (nnU-Net's batch Dice, for small structures).
     "task1": DemoTask(
         label_set="lesion",
         network=NetworkSpec(
