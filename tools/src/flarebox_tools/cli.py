@@ -16,63 +16,22 @@ behind `make bench*`.
 
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Callable
 
 from flarebox.errors import ConfigError
 
-
-def _evaluate(argv: list[str]) -> int:
-    from flarebox_tools.evaluation.__main__ import main
-
-    return main(argv)
-
-
-def _convert(argv: list[str]) -> int:
-    from flarebox_tools.convert import main
-
-    return main(argv)
-
-
-def _train(argv: list[str]) -> int:
-    from flarebox_tools.training.__main__ import main
-
-    return main(argv)
-
-
-def _transfer(argv: list[str]) -> int:
-    from flarebox_tools.training.transfer import main
-
-    return main(argv)
-
-
-def _demo(argv: list[str]) -> int:
-    from flarebox_tools.training.demo import main
-
-    return main(argv)
-
-
-def _transfer_demo(argv: list[str]) -> int:
-    from flarebox_tools.training.transfer_demo import main
-
-    return main(argv)
-
-
-def _phantoms(argv: list[str]) -> int:
-    from flarebox_tools.phantoms import main
-
-    return main(argv)
-
-
-def _realism(argv: list[str]) -> int:
-    from flarebox_tools.training.realism import main
-
-    return main(argv)
-
-
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "evaluate": _evaluate, "convert": _convert, "train": _train, "transfer": _transfer, "demo": _demo,
-    "transfer-demo": _transfer_demo, "phantoms": _phantoms, "realism": _realism,
+# command -> the module whose main(argv) runs it, imported only when that command runs (the
+# trainer's torch need not load for `evaluate`, nor anything for --help)
+COMMANDS = {
+    "evaluate": "flarebox_tools.evaluation.__main__",
+    "convert": "flarebox_tools.convert",
+    "train": "flarebox_tools.training.__main__",
+    "transfer": "flarebox_tools.training.transfer",
+    "demo": "flarebox_tools.training.demo",
+    "transfer-demo": "flarebox_tools.training.transfer_demo",
+    "phantoms": "flarebox_tools.phantoms",
+    "realism": "flarebox_tools.training.realism",
 }
 
 
@@ -81,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    command = COMMANDS.get(argv[0])
-    if command is None:
+    module = COMMANDS.get(argv[0])
+    if module is None:
         print(f"flarebox-tools: unknown command {argv[0]!r}; one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        return command(argv[1:])
+        return importlib.import_module(module).main(argv[1:])
     except ConfigError as exc:
         print(f"flarebox-tools {argv[0]}: {exc}", file=sys.stderr)
         return 2
