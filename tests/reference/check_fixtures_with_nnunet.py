@@ -106,7 +106,7 @@ def main() -> int:
                         help="torch threads (1 by default: on a shared 2-core machine more threads spin and stall)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tools" / "src"))  # the nnU-Net environment has no flarebox_tools installed
     from flarebox_tools import nnunet_folders as fx
 
     required = ["TINY_PLAIN", "TINY_RESENC"] + ([] if args.quick else ["FLARE_TASK2_PLAIN"])
