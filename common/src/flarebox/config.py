@@ -50,6 +50,19 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class LocateConfig:
+    """The locate stage (locate.py): a coarse pass finds the organs' box; the fine tiles cover it only."""
+
+    mode: str = "off"  # off | network (a locator model of its own: `folder`) | model (the organ model, coarsened)
+    folder: Path | None = None  # mode "network": the locator's model folder
+    precision: str = "f32"  # the locator's precision, on the task's backend
+    coarsen: float = 2.0  # mode "model": the organ model runs at this many times its plan's spacing
+    labels: tuple[int, ...] = ()  # the labels whose box counts; none = every foreground label
+    margin_mm: float = 20.0  # the box grows by this on every side
+    min_size_mm: float = 30.0  # a box smaller than this along an axis is implausible: whole scan instead
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     backend: str = "openvino"  # openvino | torch
     device: str = "cpu"  # cpu | cuda | auto (cuda when available)
@@ -93,6 +106,10 @@ class TaskConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    locate: LocateConfig = field(default_factory=LocateConfig)
+
+
+LOCATE_MODES = ("off", "network", "model")
 
 
 def _build(cls: type, section: str, values: dict[str, Any], base: Path) -> Any:
@@ -106,7 +123,7 @@ def _build(cls: type, section: str, values: dict[str, Any], base: Path) -> Any:
             value = (base / value).resolve()
         elif key == "ensemble":
             value = tuple((base / v).resolve() for v in value)
-        elif key == "folds":
+        elif key in ("folds", "labels"):
             value = tuple(int(v) for v in value)
         elif isinstance(default, bool) and not isinstance(value, bool):
             raise ConfigError(f"[{section}] {key}: expected true or false, got {value!r}")
@@ -114,7 +131,7 @@ def _build(cls: type, section: str, values: dict[str, Any], base: Path) -> Any:
                 and not isinstance(value, bool):
             value = float(value)
         kwargs[key] = value
-    if "folder" in fields and "folder" not in kwargs:
+    if "folder" in fields and "folder" not in kwargs and fields["folder"].default is not None:
         kwargs["folder"] = (base / fields["folder"].default).resolve()
     return cls(**kwargs)
 
@@ -138,6 +155,14 @@ def validate(config: TaskConfig) -> TaskConfig:
         (config.postprocess.gate_margin_mm >= 0, "[postprocess] gate_margin_mm", "zero or positive"),
         (config.postprocess.gate_config is None or config.postprocess.gate_config.is_file(),
          "[postprocess] gate_config", "an existing task config file"),
+        (config.locate.mode in LOCATE_MODES, "[locate] mode", f"one of {LOCATE_MODES}"),
+        (config.locate.mode != "network" or (config.locate.folder is not None and config.locate.folder.is_dir()),
+         "[locate] folder", "an existing locator model folder for mode \"network\""),
+        (config.locate.precision in PRECISIONS.get(inf.backend, ()), "[locate] precision",
+         f"one of {PRECISIONS.get(inf.backend)} for {inf.backend}"),
+        (config.locate.coarsen >= 1, "[locate] coarsen", "at least 1"),
+        (config.locate.margin_mm >= 0, "[locate] margin_mm", "zero or positive"),
+        (config.locate.min_size_mm >= 0, "[locate] min_size_mm", "zero or positive"),
     ]
     for ok, key, expected in checks:
         if not ok:
@@ -161,7 +186,7 @@ def load_config(path: str | Path, **overrides: Any) -> TaskConfig:
 
 def from_dict(raw: dict[str, Any], base: Path, default_name: str = "task") -> TaskConfig:
     sections = {"model": ModelConfig, "preprocess": PreprocessConfig, "inference": InferenceConfig,
-                "export": ExportConfig, "postprocess": PostprocessConfig}
+                "export": ExportConfig, "postprocess": PostprocessConfig, "locate": LocateConfig}
     kwargs: dict[str, Any] = {"name": raw.get("name", default_name)}
     for key, value in raw.items():
         if key == "name":

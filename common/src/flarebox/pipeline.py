@@ -29,6 +29,7 @@ from flarebox.backends import Backend, load_backend
 from flarebox.config import TaskConfig, load_config
 from flarebox.errors import CaseError, ConfigError
 from flarebox.export import Labels, to_original_grid
+from flarebox.locate import Locator, coarse_plan
 from flarebox.memory import Budget, Need
 from flarebox.models import ModelPlan, load_plan
 from flarebox.preprocess import NNUNET_PADDING, PadValues, Preprocessed, preprocess
@@ -101,11 +102,12 @@ def _same_preprocessing(first: ModelPlan, other: ModelPlan) -> None:
 
 
 class Predictor:
-    """Models ready to segment volumes: plans + compiled backends + settings (+ an optional gate)."""
+    """Models ready to segment volumes: plans + compiled backends + settings (+ an optional gate,
+    + an optional locator whose box the models' tiles keep to)."""
 
     def __init__(self, models: list[Model], config: TaskConfig, gate: Predictor | None = None,
-                 device: str = "cpu") -> None:
-        self.models, self.config, self.gate = models, config, gate
+                 device: str = "cpu", locator: Locator | None = None) -> None:
+        self.models, self.config, self.gate, self.locator = models, config, gate, locator
         self.device = device  # the one the models run on ('auto' resolved)
 
     @property
@@ -139,13 +141,34 @@ class Predictor:
             if gate_config.postprocess.gate_config is not None:
                 raise ConfigError(f"[postprocess] gate_config: {config.postprocess.gate_config} has a gate of its own")
             gate = cls.from_config(gate_config)
-        return cls(models, config, gate, device)
+        return cls(models, config, gate, device, cls._locator(config, models[0], device))
+
+    @staticmethod
+    def _locator(config: TaskConfig, organs: Model, device: str) -> Locator | None:
+        """The coarse pass of `[locate]`: a locator model of its own, or the organ model coarsened."""
+        settings, inf, pre = config.locate, config.inference, config.preprocess
+        if settings.mode == "off":
+            return None
+        if settings.mode == "model":
+            plan, backend = coarse_plan(organs.plan, settings.coarsen), organs.backend
+        else:
+            plan = load_plan(settings.folder)
+            if plan.input_features != organs.plan.input_features:
+                raise ConfigError(f"[locate] folder: {plan.folder} reads {plan.input_features!r} input, the organ "
+                                  f"model {organs.plan.input_features!r}")
+            backend = load_backend(plan, backend=inf.backend, device=device, precision=settings.precision,
+                                   folds=plan.folds, threads=inf.threads, cache_dir=inf.cache_dir)
+        return Locator(plan, backend, settings, resampler=pre.resampler, body_threshold=pre.body_threshold,
+                       body_margin_mm=pre.body_margin_mm, step_size=max(inf.step_size, 0.75))
 
     def warmup(self) -> None:
         """One zero tile through every backend: compiles kernels, fills caches."""
         for model in self.models:
             tile = np.zeros((1, model.plan.num_input_channels, *model.plan.patch_zyx), np.float32)
             model.backend.predict(tile)
+        if self.locator is not None and self.locator.backend is not self.backend:
+            plan = self.locator.plan
+            self.locator.backend.predict(np.zeros((1, plan.num_input_channels, *plan.patch_zyx), np.float32))
 
     def _tile_backend(self, model: Model, shape_zyx: tuple[int, ...]) -> Backend:
         """The backend for a network input of this shape: the model's own patch, or with `fit_patch`
@@ -227,6 +250,12 @@ class Predictor:
                 if backend.needs_compile:
                     compiling.append(_COMPILER.submit(backend.compile))
 
+        roi = None
+        if self.locator is not None:
+            with timings.stage("locate"):
+                located = self.locator.locate(volume.array_zyx, volume.geometry.spacing_zyx_mm)
+            timings.notes["locate"] = located.note
+            roi = located.box
         with timings.stage("preprocess"):
             pre = preprocess(
                 volume.array_zyx,
@@ -238,6 +267,7 @@ class Predictor:
                 body_margin_mm=cfg.preprocess.body_margin_mm,
                 device=self.device,
                 on_shape=compile_tiles,
+                roi_zyx=roi,
             )
         if compiling:
             for model in self.models:  # the fitted tile's Gaussian map while its shape compiles

@@ -162,6 +162,7 @@ def preprocess(
     body_margin_mm: float = 10.0,
     device: str = "cpu",
     on_shape: Callable[[tuple[int, int, int]], None] | None = None,
+    roi_zyx: tuple[tuple[int, int], ...] | None = None,
 ) -> Preprocessed:
     """Transpose, crop, normalise and resample one single-channel image for `plan`'s network.
 
@@ -173,6 +174,8 @@ def preprocess(
     device: where MIND-SSC features are computed, for a plan that reads them (cpu or cuda).
     on_shape: called with the network input's (z, y, x) shape as soon as the crop tells it, before
         the voxel work (the pipeline compiles a tile shape for it meanwhile).
+    roi_zyx: [start, stop) per axis of `image_zyx`: only this box is preprocessed (the located
+        organs, locate.py), the crops above applying within it; export puts background around it.
     """
     mind = plan.input_features == "mind"
     if plan.num_input_channels != (MIND_CHANNELS if mind else 1):
@@ -183,6 +186,9 @@ def preprocess(
     spacing = tuple(spacing_zyx_mm[a] for a in tf)
     shape_before_crop = tuple(data.shape[1:])
 
+    roi = ((0, n) for n in data.shape[1:]) if roi_zyx is None else (roi_zyx[a] for a in tf)
+    roi = tuple((max(0, a), min(n, b)) for (a, b), n in zip(roi, data.shape[1:], strict=True))
+    data = data[(slice(None), *(slice(a, b) for a, b in roi))]
     bbox = nonzero_bbox(data)
     cut = ((False, False),) * 3  # per axis and side: did the body crop cut the scan there?
     if body_threshold is not None:
@@ -192,6 +198,7 @@ def preprocess(
         cut = tuple((c > 0, d < n) for (c, d), n in zip(body, inner.shape, strict=True))
         bbox = tuple((a + c, a + d) for (a, _), (c, d) in zip(bbox, body, strict=True))
     data = data[(slice(None), *(slice(a, b) for a, b in bbox))]
+    bbox = tuple((a + r, b + r) for (a, b), (r, _) in zip(bbox, roi, strict=True))
     target = plan.spacing_zyx_mm
     if use_forced_spacing:
         target = forced_spacing(spacing, target, image_zyx.shape[0])

@@ -191,7 +191,8 @@ def random_grid(rng: np.random.Generator, *, centre_xyz_mm: Sequence[float], bod
     spacing = spacing * spacing_scale
     length_mm = z_length_mm or float(rng.uniform(160, 320))
     if shape_zyx is None:
-        n_slices = max(8, min(200, round(length_mm / spacing[0])))
+        most = 600 if length_mm > 320 else 200  # thorax-to-thighs scans up to 600 slices
+        n_slices = max(8, min(most, round(length_mm / spacing[0])))
         depth_mm = fov_mm * (rng.uniform(0.75, 1.0) if tight else 1.0)  # front to back
         shape = (n_slices, round(depth_mm / spacing[1]), round(fov_mm / spacing[2]))
     else:
@@ -509,8 +510,42 @@ def paint_synthetic(patient: Patient, grid: Grid) -> np.ndarray:
     _paint_organs(canvas, patient)
     _paint_skeleton(canvas, patient)
     _paint_great_vessels(canvas, patient)
+    _paint_legs(canvas, patient)
     _paint_lesions(canvas, patient.lesions)
     return canvas.tissue
+
+
+def hip_z_mm(p: Patient) -> float:
+    """Where the trunk parts into the thighs: 22 cm under the aortic bifurcation (scaled)."""
+    return float(p.bifurcation_z_mm - 220 * p.scale_xyz[2])
+
+
+def _paint_legs(canvas: Canvas, p: Patient) -> None:
+    """Below the hips, two thighs (skin, fat, muscle around a femur), narrowing towards the knees.
+    Only long fields of view reach them ("thorax to thighs"); abdominal ones end above the hips."""
+    hip = hip_z_mm(p)
+    block = canvas.block((-1e4, -1e4, -1e4), (1e4, 1e4, hip))
+    if block is None:
+        return
+    half = np.float32(p.half_width_mm)
+    depth = np.float32(min(p.half_depth_front_mm, p.half_depth_back_mm))
+    x, y = block.x[0], block.y[0]  # (1, nx), (ny, 1)
+    tissue = canvas.tissue[block.slices]
+    for k, z in enumerate(block.z[:, 0, 0]):
+        plane = tissue[k]
+        plane[(plane != TABLE_SHELL) & (plane != TABLE_CORE)] = AIR
+        taper = np.float32(1 - 0.3 * min((hip - z) / 450, 1))  # thigh to knee
+        for side in (-1, 1):
+            cx = side * 0.48 * half
+            rx, ry = 0.46 * half * taper, 0.85 * depth * taper
+            rho2 = ((x - cx) / rx) ** 2 + (y / ry) ** 2
+            fat = np.float32(p.fat_mm * 0.7 * taper)
+            inner = ((x - cx) / (rx - fat)) ** 2 + (y / (ry - fat)) ** 2
+            bone = (x - cx - side * 6) ** 2 + (y + 5) ** 2
+            plane[rho2 <= 1] = FAT
+            plane[inner <= 1] = MUSCLE
+            plane[bone <= 14.0**2] = BONE
+            plane[bone <= 9.0**2] = MARROW
 
 
 def _paint_body(canvas: Canvas, p: Patient) -> None:
@@ -800,6 +835,11 @@ def _paint_skeleton(canvas: Canvas, p: Patient) -> None:
         canvas.paint(block, plate & ((block.y < front + 1.5) | (block.y > front + 7.5)), BONE, where=canvas.fat_inner)
 
 
+# FLARE's aorta and esophagus are labelled in abdominal scans, which reach the lower thorax at most:
+# in a longer scan the two go on upwards unlabelled, above this height (reference frame, mm above the dome)
+LABELLED_TOP_MM = 80.0
+
+
 def _paint_great_vessels(canvas: Canvas, p: Patient) -> None:
     """Aorta (with iliac arteries below its bifurcation), IVC into the heart, esophagus to the stomach."""
     s = p.scale_xyz
@@ -811,8 +851,10 @@ def _paint_great_vessels(canvas: Canvas, p: Patient) -> None:
     ax = (14 + 8 * thoracic) * s[0] + p.shifts["aorta"][0]
     ay = vb - (16 + radius / s[1]) * s[1] + 14 * thoracic * s[1] + p.shifts["aorta"][1] * 0.3
     aorta = (z > p.bifurcation_z_mm)
+    labelled = z <= LABELLED_TOP_MM * s[2]
     for cx, cy, r, keep, label in (
-        (ax, ay, np.full_like(z, radius), aorta, 5),
+        (ax, ay, np.full_like(z, radius), aorta & labelled, 5),
+        (ax, ay, np.full_like(z, radius), aorta & ~labelled, ARTERY),
         (ax + 0.45 * (p.bifurcation_z_mm - z), ay, np.full_like(z, 0.6 * radius), ~aorta, ARTERY),  # iliac arteries
         (ax - 0.45 * (p.bifurcation_z_mm - z), ay, np.full_like(z, 0.6 * radius), ~aorta, ARTERY),
     ):
@@ -840,7 +882,10 @@ def _paint_great_vessels(canvas: Canvas, p: Patient) -> None:
     if shape:
         block, rho2 = shape
         region = canvas.tissue[block.slices]
-        region[(rho2 <= 1) & ~np.isin(region, (5, BONE, MARROW, DISC, AIR, TABLE_CORE, TABLE_SHELL))] = 10
+        tube = (rho2 <= 1) & ~np.isin(region, (5, ARTERY, BONE, MARROW, DISC, AIR, TABLE_CORE, TABLE_SHELL))
+        high = block.z > LABELLED_TOP_MM * s[2]
+        region[tube & ~high] = 10
+        region[tube & high] = SOFT
 
 
 def _paint_vertical(canvas: Canvas, cx: np.ndarray, cy: np.ndarray, rx: np.ndarray, ry: np.ndarray,
@@ -1116,7 +1161,7 @@ def _paint_on(patient: Patient, grids: Sequence[Grid]) -> list[np.ndarray]:
 def generate_case(seed: int, *, modality: str = "ct", anatomy: str = "synthetic", phase: str | None = None,
                   orientation: str | None = None, spacing_zyx_mm: Sequence[float] | None = None,
                   spacing_scale: float = 1.0, shape_zyx: Sequence[int] | None = None, n_lesions: int | None = None,
-                  min_lesions: int = 0,
+                  min_lesions: int = 0, top_mm: float | None = None, long_fov: bool = False,
                   template: str | Path = TEMPLATE_LABELS) -> Phantom:
     """One phantom, identical for identical arguments.
 
@@ -1132,19 +1177,23 @@ def generate_case(seed: int, *, modality: str = "ct", anatomy: str = "synthetic"
                                       spacing_scale=spacing_scale, shape_zyx=shape_zyx)
         return _render(tissue, grid, rng, modality, phase, oral_contrast=False)
     patient = draw_patient(rng, n_lesions=n_lesions, min_lesions=min_lesions)
-    grid = _patient_grid(rng, patient, orientation, spacing_zyx_mm, spacing_scale, shape_zyx)
+    grid = _patient_grid(rng, patient, orientation, spacing_zyx_mm, spacing_scale, shape_zyx, top_mm, long_fov)
     (tissue,) = _paint_on(patient, [grid])
     return _render(tissue, grid, rng, modality, phase, patient.oral_contrast)
 
 
 def _patient_grid(rng: np.random.Generator, patient: Patient, orientation: str | None,
                   spacing_zyx_mm: Sequence[float] | None, spacing_scale: float,
-                  shape_zyx: Sequence[int] | None) -> Grid:
+                  shape_zyx: Sequence[int] | None, top_mm: float | None = None, long_fov: bool = False) -> Grid:
     # most scans cover the abdomen; a fifth are short slabs (a limited or split acquisition)
     length = float(rng.uniform(160, 320) if rng.random() < 0.8 else rng.uniform(80, 160))
     top = float(rng.uniform(-15, 50)) * patient.scale_xyz[2]  # from above the domes to below them
+    if long_fov:  # drawn after the rest: an abdominal case's draws stay as they were
+        top, length = float(rng.uniform(80, 250)), float(rng.uniform(500, 1100))
     if shape_zyx is not None and spacing_zyx_mm is not None:
         length = shape_zyx[0] * spacing_zyx_mm[0] * spacing_scale
+    if top_mm is not None:
+        top = top_mm
     centre = (rng.uniform(-15, 15), rng.uniform(-15, 15), top - length / 2)
     return random_grid(rng, centre_xyz_mm=centre, body_width_mm=2 * patient.half_width_mm, orientation=orientation,
                        spacing_zyx_mm=spacing_zyx_mm, spacing_scale=spacing_scale, shape_zyx=shape_zyx,
@@ -1204,13 +1253,15 @@ def _write_atomic(image: sitk.Image, path: Path) -> None:
 def write_dataset(out_dir: str | Path, n_cases: int, seed: int, *, modality: str = "ct", label_set: str = "organs",
                   anatomy: str = "synthetic", spacing_zyx_mm: Sequence[float] | None = None,
                   spacing_scale: float = 1.0, prefix: str = "phantom", phases: Sequence[str] | None = None,
-                  on_case: Callable[[str, float], None] | None = None, keep_existing: bool = False) -> Path:
+                  on_case: Callable[[str, float], None] | None = None, keep_existing: bool = False,
+                  long_every: int = 0) -> Path:
     """An nnU-Net raw dataset: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, dataset.json.
     Case n uses seed `seed + n`; `on_case(case_id, seconds)` is called after each. A lesion dataset's
     patients hold at least one lesion each (cancer patients, as in FLARE's Task 1; it may still lie
     outside the field of view), an organ dataset's 0 to 5. phases: the CT
     contrast phases the cases take in turn (None: each case draws one of all three). keep_existing:
-    a case whose image is already there is not made again (an interrupted run goes on)."""
+    a case whose image is already there is not made again (an interrupted run goes on). long_every:
+    every n-th case (from the first) has a thorax-to-thighs field of view (0: none)."""
     _check_choice("label_set", label_set, ("organs", "lesion"))
     for phase in phases or ():
         _check_choice("phase", phase, PHASES)
@@ -1222,7 +1273,8 @@ def write_dataset(out_dir: str | Path, n_cases: int, seed: int, *, modality: str
             continue
         phantom = generate_case(seed + n, modality=modality, anatomy=anatomy, spacing_zyx_mm=spacing_zyx_mm,
                                 spacing_scale=spacing_scale, phase=phases[n % len(phases)] if phases else None,
-                                min_lesions=1 if label_set == "lesion" else 0)
+                                min_lesions=1 if label_set == "lesion" else 0,
+                                long_fov=long_every > 0 and n % long_every == 0)
         write_case(phantom, out_dir / "imagesTr", out_dir / "labelsTr", case_id, label_set)
         if on_case is not None:
             on_case(case_id, time.perf_counter() - start)

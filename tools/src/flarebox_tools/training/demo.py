@@ -58,6 +58,7 @@ class DemoTask:
     int8: bool  # calibrate and write an INT8 IR too
     train_spacing_scale: float  # training phantoms on coarser grids than scanners': faster to make and preprocess
     phases: tuple[str, ...] | None = None  # CT contrast phases of the phantoms, training and held out (None: all)
+    long_every: int = 0  # every n-th phantom, training and held out, scanned thorax to thighs (0: none)
 
 
 TASK2_STRIDES = ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2))
@@ -103,6 +104,20 @@ TASKS = {
         # contrast-enhanced CT, as pan-cancer lesion datasets mostly are: in the non-contrast phase the
         # phantoms' solid lesions sit ~17 HU under liver, within its noise (docs/training.md)
         phases=("arterial", "portal-venous")),
+    # The locate stage's network (flarebox.locate, [locate] mode = "network"): the 13 organs at 5 mm,
+    # whose box the Task 2 model's tiles then keep to. Five stages of 8..32 features (0.2 M
+    # parameters), a 48x64x64 patch (24 x 32 x 32 cm). A third of its phantoms are scanned thorax to
+    # thighs, so that it learns where the organs end in a long scan, on grids twice as coarse as a
+    # scanner's (the network reads 5 mm anyway). Run in f32: its few milliseconds need no INT8.
+    "locator": DemoTask(
+        label_set="organs",
+        network=NetworkSpec(
+            features_per_stage=(8, 16, 32, 32, 32), strides_zyx=((1, 1, 1),) + ((2, 2, 2),) * 4,
+            kernel_sizes_zyx=((3, 3, 3),) * 5, blocks_per_stage=(2,) * 5,
+            spacing_zyx_mm=(5.0, 5.0, 5.0), patch_zyx=(48, 64, 64),
+            ct_clip_hu=(-958.0, 270.0), ct_mean_hu=-97.3, ct_std_hu=137.8),
+        training={"epochs": 40, "iterations_per_epoch": 40, "mirror_axes": (), "validate_every_epochs": 20},
+        backend="openvino", precision="f32", openvino=True, int8=False, train_spacing_scale=2.0, long_every=3),
 }
 
 # What a CPU budget of a few thousand steps changes from nnU-Net's recipe, for both tasks
@@ -229,9 +244,10 @@ def run(task_name: str, out: Path, *, work: Path, n_train: int, n_held_out: int,
     task = TASKS[task_name]
     start = time.perf_counter()
     raw = phantoms.write_dataset(work / "raw", n_train, seed, label_set=task.label_set,
-                                 spacing_scale=task.train_spacing_scale, phases=task.phases, keep_existing=True)
+                                 spacing_scale=task.train_spacing_scale, phases=task.phases, keep_existing=True,
+                                 long_every=task.long_every)
     held_out = phantoms.write_dataset(work / "held_out", n_held_out, seed + 10_000, label_set=task.label_set,
-                                      phases=task.phases, keep_existing=True)
+                                      phases=task.phases, keep_existing=True, long_every=task.long_every)
     log.info("phantoms: %d for training, %d held out, ready in %.0fs", n_train, n_held_out,
              time.perf_counter() - start)
 
