@@ -2,7 +2,10 @@
 
 Writes `openvino/fold_<k>_f32.xml/.bin` (f32 weights; bf16 is chosen at compile time) and, with
 INT8, `openvino/fold_<k>_int8.xml/.bin` quantised by NNCF post-training quantisation, calibrated on
-patches drawn from given images after the model's own preprocessing. `openvino/manifest.json`
+patches drawn from given images after the model's own preprocessing. `overflow_fix` is NNCF's
+setting for CPUs without VNNI, whose 8-bit products are summed in saturating 16 bits: "enable"
+halves every layer's weight range so no sum can saturate, "first_layer" (NNCF's default) only the
+first layer's, "disable" none (docs/benchmarks.md measures each on both kinds of CPU). `openvino/manifest.json`
 records the sha256 of every file, which the OpenVINO backend checks before it runs an IR. After
 conversion the model needs no torch at run time.
 """
@@ -24,6 +27,7 @@ from flarebox.preprocess import preprocess
 from flarebox.sliding_window import pad_to_patch, tile_starts
 
 log = logging.getLogger("flarebox")
+OVERFLOW_FIX = {"enable": "enable", "first_layer": "first_layer_only", "disable": "disable"}  # NNCF's values
 
 
 def calibration_tiles(
@@ -52,6 +56,7 @@ def convert_model(
     checkpoint: str = "checkpoint_final.pth",
     calibration_images: Iterable[Path] = (),
     tiles_per_image: int = 4,
+    overflow_fix: str = "first_layer",
 ) -> Path:
     """Write the IR files (and INT8 ones when calibration images are given); returns the manifest path."""
     import openvino as ov
@@ -74,8 +79,11 @@ def convert_model(
         ov.save_model(model, written[0], compress_to_fp16=False)
         if tiles:
             import nncf
+            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-            quantized = nncf.quantize(model, nncf.Dataset(tiles), subset_size=len(tiles))
+            advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix(OVERFLOW_FIX[overflow_fix]))
+            quantized = nncf.quantize(model, nncf.Dataset(tiles), subset_size=len(tiles),
+                                      advanced_parameters=advanced)
             written.append(out_dir / f"fold_{fold}_int8.xml")
             ov.save_model(quantized, written[1], compress_to_fp16=False)
         for xml in written:
@@ -83,6 +91,8 @@ def convert_model(
                 manifest["files"][part.name] = sha256(part)
         log.info("fold %d: wrote %s", fold, ", ".join(p.name for p in written))
     manifest["input_shape"] = list(shape)
+    if tiles:
+        manifest["int8_overflow_fix"] = overflow_fix
     manifest["openvino"] = ov.__version__
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest_path
@@ -95,13 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", nargs="*", default=[], help="images (_0000.nii.gz) for INT8 calibration")
     parser.add_argument("--calibration-dir", help="a folder of calibration images")
     parser.add_argument("--tiles-per-image", type=int, default=4)
+    parser.add_argument("--overflow-fix", default="first_layer", choices=sorted(OVERFLOW_FIX),
+                        help="NNCF's INT8 setting for CPUs without VNNI (see the module's docstring)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     images = [Path(p) for p in args.calibration]
     if args.calibration_dir:
         images += sorted(Path(args.calibration_dir).glob("*.nii.gz"))
     manifest = convert_model(args.model, folds=tuple(args.folds) if args.folds else None,
-                             calibration_images=images, tiles_per_image=args.tiles_per_image)
+                             calibration_images=images, tiles_per_image=args.tiles_per_image,
+                             overflow_fix=args.overflow_fix)
     log.info("wrote %s", manifest)
     return 0
 

@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per row (trainer: two epochs of them)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     args = parser.parse_args()
-    from flarebox_tools.training.demo import cpu_description
+    from flarebox.cpu import cpu_description
     from flarebox_tools.training.trainer import cpu_has_native_bf16
 
     threads = torch.get_num_threads()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from flarebox import io
+from flarebox.cpu import cpu_description
 from flarebox.models import build_network, load_plan
 from flarebox_tools import phantoms
 from flarebox_tools.metrics import score_case
@@ -303,19 +303,6 @@ def ship(task_name: str, final: Path, out: Path, *, raw: Path, held_out: Path,
     (out / "scores.json").write_text(json.dumps(scores, indent=2, default=list) + "\n")
     (out / "scores.md").write_text(markdown(scores, f"{task_name} demo model"))
     return scores
-
-
-def cpu_description() -> str:
-    """The CPU's model name and the instruction sets that decide training and inference speed."""
-    from flarebox_tools.training.trainer import cpu_flags
-
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return f"{name}, {os.cpu_count()} cores, " + " ".join(f for f in wanted if f in cpu_flags())
 
 
 def main(argv: list[str] | None = None) -> int:

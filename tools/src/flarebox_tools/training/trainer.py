@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flarebox.cpu import NATIVE_BF16, cpu_flags
 from flarebox.errors import CaseError, ConfigError
 from flarebox.models import ModelPlan, build_network, load_plan
 from flarebox_tools.training import checkpoint
@@ -215,18 +216,9 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-
-
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: the CPUs where oneDNN's bf16 kernels beat f32."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags() & NATIVE_BF16)
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
