@@ -341,13 +341,13 @@ def test_auto_device_is_resolved_and_a_cuda_build_without_gpu_says_so(tiny_torch
 
 
 def test_an_openvino_prediction_never_imports_torch(tmp_path):
-    """Task 2's image has no torch: a whole OpenVINO run, start to written output, must not reach
-    for it (or for the tools), whatever the installed environment holds."""
+    """Task 2's image has no torch: a whole OpenVINO run, start to written output (the locate stage
+    included), must not reach for it (or for the tools), whatever the installed environment holds."""
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     write_image(inputs / "case_0000.nii.gz", ct_like((24, 64, 56)), spacing_xyz=(2.0, 2.0, 3.0))
     code = ("import sys; from flarebox.cli import main; code = main(['predict', '-i', sys.argv[1], '-o', sys.argv[2], "
-            "'-c', sys.argv[3]]); print(code, sorted(m for m in ('torch', 'flarebox_tools', 'scipy') "
+            "'-c', sys.argv[3]]); print(code, sorted(m for m in ('torch', 'flarebox_tools') "
             "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code, str(inputs), str(outputs),
                              str(ROOT / "task2_cpu_organs" / "config.toml")], capture_output=True, text=True,

@@ -31,7 +31,8 @@ import numpy as np
 from flarebox_tools.paths import REPO as ROOT
 
 # backend:precision[:option=value,...]; options: body (crop to voxels above this HU), fit (1: fitted
-# tile), step (tile step), locate (network: the bundled locator; model: the organ model coarsened).
+# tile), step (tile step), locate (network: the bundled locator; model: the organ model coarsened),
+# threads (the network's; default: every core).
 # The last line is Task 2's shipped configuration.
 DEFAULT = "openvino:int8:body=-500,fit=1,step=0.75"
 CONFIGS = ["openvino:f32", "openvino:bf16", "openvino:int8", "torch:f32", "openvino:int8:body=-500,fit=1",
@@ -99,6 +100,8 @@ def config_sections(spec: str) -> dict:
     inference = {"backend": backend, "precision": precision, "fit_patch": options.get("fit") == "1"}
     if "step" in options:
         inference["step_size"] = float(options["step"])
+    if "threads" in options:
+        inference["threads"] = int(options["threads"])
     preprocess = {"body_threshold": float(options["body"])} if "body" in options else {}
     sections = {"inference": inference, "preprocess": preprocess}
     if options.get("locate") == "network":

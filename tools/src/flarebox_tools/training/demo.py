@@ -194,6 +194,34 @@ def score_model(model: Path, task: DemoTask, held_out: Path, task_config: Path |
     return result
 
 
+def box_scores(model: Path, held_out: Path) -> dict:
+    """What the locate stage does with this model on each held-out phantom (Task 2's settings: body
+    crop at -500 HU, 20 mm margin): the share of the scan its box keeps, and the share of each
+    case's organ voxels inside the box (1.0: the box loses nothing)."""
+    from flarebox.backends import load_backend
+    from flarebox.config import LocateConfig
+    from flarebox.locate import Locator
+
+    plan = load_plan(model)
+    locator = Locator(plan, load_backend(plan, precision="f32"), LocateConfig(mode="network", folder=model),
+                      body_threshold=-500.0)
+    per_case = {}
+    for image in sorted((held_out / "imagesTr").glob(f"*{io.INPUT_SUFFIX}")):
+        case_id = image.name[: -len(io.INPUT_SUFFIX)]
+        volume = io.read_image(image)
+        reference = io.read_image(held_out / "labelsTr" / f"{case_id}.nii.gz").array_zyx
+        start = time.perf_counter()
+        located = locator.locate(volume.array_zyx, volume.geometry.spacing_zyx_mm)
+        seconds = time.perf_counter() - start
+        inside = np.zeros(reference.shape, bool)
+        inside[tuple(slice(a, b) for a, b in located.box or ((0, n) for n in reference.shape))] = True
+        organs = reference > 0
+        per_case[case_id] = {"slices": int(reference.shape[0]), "kept": float(inside.mean()),
+                             "organ_voxels_inside": float(inside[organs].mean()) if organs.any() else 1.0,
+                             "seconds": seconds, "note": located.note}
+    return per_case
+
+
 def _fmt(value: float) -> str:
     return "n/a" if value != value else f"{value:.3f}"  # NaN: the class is absent from every case
 
@@ -228,6 +256,12 @@ def markdown(scores: dict, title: str) -> str:
     if real:
         lines.append("Real CT: ../shared/data/real/ts_ct_sm (3 mm, a 9 cm abdominal slab, TotalSegmentator labels). "
                      "A class absent from both its labels and the prediction scores 1, as FLARE scores it.")
+    if "boxes" in scores:
+        lines += ["", "The locate stage with this model (body crop at -500 HU, 20 mm margin), per held-out phantom:", "",
+                  "| case | slices | scan kept | organ voxels inside the box | seconds |", "|---|---|---|---|---|"]
+        for case, b in scores["boxes"].items():
+            lines.append(f"| {case} | {b['slices']} | {b['kept']:.1%} | {b['organ_voxels_inside']:.4f} | "
+                         f"{b['seconds']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -289,6 +323,8 @@ def ship(task_name: str, final: Path, out: Path, *, raw: Path, held_out: Path,
         calibration = sorted((raw / "imagesTr").glob(f"*{io.INPUT_SUFFIX}"))[:4] if task.int8 else []
         convert_model(out, calibration_images=calibration, tiles_per_image=4)
     scores = score_model(out, task, held_out, task_config)
+    if task_name == "locator":
+        scores["boxes"] = box_scores(out, held_out)
     progress = state["logging"]["progress"]
     config = state["logging"]["train_config"]
     scores["training"] = {
