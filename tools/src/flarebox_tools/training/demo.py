@@ -257,7 +257,8 @@ def markdown(scores: dict, title: str) -> str:
         lines.append("Real CT: ../shared/data/real/ts_ct_sm (3 mm, a 9 cm abdominal slab, TotalSegmentator labels). "
                      "A class absent from both its labels and the prediction scores 1, as FLARE scores it.")
     if "boxes" in scores:
-        lines += ["", "The locate stage with this model (body crop at -500 HU, 20 mm margin), per held-out phantom:", "",
+        lines += ["", "The locate stage with this model (body crop at -500 HU, 20 mm margin), per held-out phantom:",
+                  "",
                   "| case | slices | scan kept | organ voxels inside the box | seconds |", "|---|---|---|---|---|"]
         for case, b in scores["boxes"].items():
             lines.append(f"| {case} | {b['slices']} | {b['kept']:.1%} | {b['organ_voxels_inside']:.4f} | "
