@@ -148,3 +148,20 @@ def test_locate_settings_are_checked(tiny_model_dir, tmp_path):
     assert predictor.locator.backend is predictor.backend  # the organ model itself, coarsened
     assert predictor.locator.plan.spacing_zyx_mm == tuple(2 * s for s in predictor.plan.spacing_zyx_mm)
     assert predictor.locator.settings.labels == (1, 2)
+
+
+def test_a_locator_trains_for_a_users_dataset_and_runs(tmp_path, tiny_model_dir):
+    """`flarebox-tools locator` on a small organ dataset: a model folder with its OpenVINO IR that
+    the engine takes as [locate] folder."""
+    from flarebox_tools import phantoms
+    from flarebox_tools.cli import main
+
+    raw = phantoms.write_dataset(tmp_path / "raw", 4, 0, label_set="organs", spacing_scale=3.0)
+    out = tmp_path / "locator"
+    assert main(["locator", "--dataset", str(raw), "--out", str(out), "--epochs", "1"]) == 0
+    assert (out / "openvino" / "fold_0_f32.xml").is_file() and (out / "fold_0" / "checkpoint_final.pth").is_file()
+    predictor = Predictor.from_config(_config(tiny_model_dir, out))
+    assert predictor.locator.plan.spacing_zyx_mm == (5.0, 5.0, 5.0)
+    image = _scan()
+    located = predictor.locator.locate(image, (2.5, 0.8, 0.8))
+    assert located.note  # a box or the whole scan, with its reason

@@ -51,10 +51,11 @@ def _predict(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         predictor = Predictor.from_config(config)
         inf = config.inference
-        log.info("%s: model %s folds %s, %s %s on %s, step %.2f, export %s, memory %.1f GB (%s), ready in %.2fs",
-                 config.name, config.model.folder, list(config.model.folds), inf.backend, predictor.backend.precision,
-                 predictor.device, inf.step_size, config.export.mode, budget.limit / GB, budget.source,
-                 time.perf_counter() - start)
+        locate = config.locate.mode if config.locate.mode != "network" else f"network {config.locate.folder}"
+        log.info("%s: model %s folds %s, %s %s on %s, step %.2f, locate %s, export %s, memory %.1f GB (%s), "
+                 "ready in %.2fs", config.name, config.model.folder, list(config.model.folds), inf.backend,
+                 predictor.backend.precision, predictor.device, inf.step_size, locate, config.export.mode,
+                 budget.limit / GB, budget.source, time.perf_counter() - start)
         return predictor
 
     try:
@@ -89,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, nargs="+", help="folds to ensemble")
     p.add_argument("--backend", choices=("openvino", "torch"))
     p.add_argument("--device", choices=("cpu", "cuda", "auto"))
-    p.add_argument("--precision", choices=("f32", "bf16", "int8", "fp16"))
+    p.add_argument("--precision", choices=("auto", "f32", "bf16", "int8", "fp16"))
     p.add_argument("--step-size", type=float, help="tile step as a fraction of the patch")
     p.add_argument("--mirroring", action="store_true", default=None, help="test-time mirroring (8x slower)")
     p.add_argument("--threads", type=int, help="inference threads (0 = all)")

@@ -22,7 +22,8 @@ from flarebox.errors import ConfigError
 
 # The choices each setting allows, defined here once; the stages that take them check against these.
 BACKENDS = ("openvino", "torch")
-PRECISIONS = {"openvino": ("f32", "bf16", "int8"), "torch": ("f32", "fp16", "bf16")}
+# openvino "auto": chosen for the CPU it runs on (flarebox.cpu.openvino_precision)
+PRECISIONS = {"openvino": ("auto", "f32", "bf16", "int8"), "torch": ("f32", "fp16", "bf16")}
 EXPORT_MODES = ("labels", "logits")  # how export returns to the input grid (export.to_original_grid)
 ENGINES = ("auto", "torch", "numpy")  # linear resampling engines (resample.resize_linear)
 
@@ -66,7 +67,8 @@ class LocateConfig:
 class InferenceConfig:
     backend: str = "openvino"  # openvino | torch
     device: str = "cpu"  # cpu | cuda | auto (cuda when available)
-    precision: str = "f32"  # openvino: f32 | bf16 | int8; torch: f32 | fp16 | bf16
+    # openvino: auto (by the CPU's instruction sets, flarebox/cpu.py) | f32 | bf16 | int8; torch: f32 | fp16 | bf16
+    precision: str = "f32"
     step_size: float = 0.5
     mirroring: bool = False
     threads: int = 0  # 0 = the runtime's default (all cores)

@@ -95,13 +95,14 @@ def _found_box(labels: np.ndarray, targets: tuple[int, ...]) -> Box | None:
 
 def to_scan_box(coarse: Box, pre: Preprocessed, strides_zyx: tuple[int, ...]) -> Box:
     """A box on the coarse network grid as voxels of the scan: through the resampling (each coarse
-    voxel covers crop/grid voxels of the strided scan), the crop, the transpose and the strides."""
+    voxel covers crop/grid voxels of the strided scan), the crop, the transpose and the strides (a
+    strided voxel samples scan voxel s*k; what lies between two samples is kept)."""
     strided = []
     for (lo, hi), (b0, b1), m in zip(coarse, pre.bbox, pre.data.shape[1:], strict=True):
         ratio = (b1 - b0) / m
         strided.append((b0 + math.floor(lo * ratio), b0 + min(math.ceil(hi * ratio), b1 - b0)))
     in_scan_axes = [strided[pre.transpose_backward[a]] for a in range(3)]
-    return tuple((lo * k, hi * k) for (lo, hi), k in zip(in_scan_axes, strides_zyx, strict=True))
+    return tuple((max(0, lo * k - (k - 1)), hi * k) for (lo, hi), k in zip(in_scan_axes, strides_zyx, strict=True))
 
 
 def grow(box: Box, shape_zyx: tuple[int, ...], spacing_zyx_mm: tuple[float, ...], margin_mm: float,

@@ -3,6 +3,7 @@
     flarebox-tools evaluate -t TASK -i IMAGES -g LABELS -r REPORT   the organisers' evaluation, scored
     flarebox-tools convert MODEL [--calibration-dir IMAGES]         OpenVINO IR, INT8 with calibration
     flarebox-tools train --dataset RAW --out MODEL --config train.toml  train a model folder
+    flarebox-tools locator --dataset RAW --out LOCATOR              the locate stage's network for a dataset
     flarebox-tools transfer --ct CT_RAW --mri MRI_DIR --work DIR    Task 3: MRI models from labelled CT
     flarebox-tools demo --task task2 --out MODEL --work DIR         the bundled demo weights
     flarebox-tools transfer-demo --out MODEL --work DIR             Task 3's CT-to-MRI demo weights
@@ -27,6 +28,7 @@ COMMANDS = {
     "evaluate": "flarebox_tools.evaluation.__main__",
     "convert": "flarebox_tools.convert",
     "train": "flarebox_tools.training.__main__",
+    "locator": "flarebox_tools.training.locator",
     "transfer": "flarebox_tools.training.transfer",
     "demo": "flarebox_tools.training.demo",
     "transfer-demo": "flarebox_tools.training.transfer_demo",

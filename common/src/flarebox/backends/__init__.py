@@ -1,7 +1,8 @@
 """Network runtimes behind one interface, `Backend`, written here once.
 
 `load_backend` builds a complete, ready-to-run backend from a model folder in one call:
-OpenVINO on CPU (precision f32, bf16 or int8, from the IR that `flarebox-tools convert` writes), or
+OpenVINO on CPU (precision f32, bf16 or int8, from the IR that `flarebox-tools convert` writes, or
+auto: chosen by the CPU's instruction sets, flarebox.cpu), or
 torch on CPU or CUDA (fp16 autocast on CUDA) straight from the nnU-Net checkpoints. Several folds
 are an ensemble: their logits are averaged. Two optional capabilities are explicit members, None
 where absent: `tensors` (torch tensors in and out, so the sliding window can sum where the network
@@ -10,6 +11,7 @@ runs) and `gpu` (device memory measured and managed).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -21,6 +23,8 @@ from flarebox.models import ModelPlan
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("flarebox")
 
 
 class Backend(Protocol):
@@ -109,7 +113,14 @@ def load_backend(
     if backend == "openvino":
         if device != "cpu":
             raise ConfigError("the openvino backend runs on device 'cpu' only")
-        from flarebox.backends.openvino_runtime import OpenVINOBackend
+        from flarebox.backends.openvino_runtime import OpenVINOBackend, ir_path
+
+        if precision == "auto":
+            from flarebox.cpu import openvino_precision
+
+            has_int8 = all(ir_path(plan, fold, "int8").is_file() for fold in folds)
+            precision, why = openvino_precision(has_int8)
+            log.info("precision auto: %s for %s (%s)", precision, plan.folder.name, why)
 
         return OpenVINOBackend(plan, precision=precision, folds=folds, threads=threads, cache_dir=cache_dir)
     from flarebox.backends.torch_runtime import TorchBackend
