@@ -105,7 +105,7 @@ TASKS = {
         # phantoms' solid lesions sit ~17 HU under liver, within its noise (docs/training.md)
         phases=("arterial", "portal-venous")),
     # The locate stage's network (flarebox.locate, [locate] mode = "network"): the 13 organs at 5 mm,
-    # whose box the Task 2 model's tiles then keep to. Five stages of 8..32 features (0.2 M
+    # whose box the Task 2 model's tiles then keep to. Five stages of 8..32 features (0.38 M
     # parameters), a 48x64x64 patch (24 x 32 x 32 cm). A third of its phantoms are scanned thorax to
     # thighs, so that it learns where the organs end in a long scan, on grids twice as coarse as a
     # scanner's (the network reads 5 mm anyway). Run in f32: its few milliseconds need no INT8.
