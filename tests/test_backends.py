@@ -152,11 +152,16 @@ def test_openvino_recompiles_for_a_fitted_patch(tiny_plan, real_ct_preprocessed,
 def test_auto_precision_follows_the_cpu_and_the_model(tiny_plan, tmp_path):
     from flarebox.cpu import openvino_precision
 
-    assert openvino_precision(True, {"avx2", "avx512f", "avx512_vnni"})[0] == "int8"
-    assert openvino_precision(True, {"avx2", "avx_vnni"})[0] == "int8"
-    assert openvino_precision(False, {"avx2", "avx512f", "avx512_bf16"})[0] == "bf16"
-    assert openvino_precision(False, {"avx2", "avx512f", "avx512_vnni"}) == ("f32", "no INT8 IR, no native bf16")
-    # the tiny model has an INT8 IR: auto takes it on this machine, whatever its CPU
+    assert openvino_precision(True, "first_layer", {"avx2", "avx512f", "avx512_vnni"})[0] == "int8"
+    assert openvino_precision(True, None, {"avx2", "avx_vnni"})[0] == "int8"
+    # no VNNI: INT8 only from an IR that cannot saturate AVX2's 16-bit sums
+    assert openvino_precision(True, "enable", {"avx2"})[0] == "int8"
+    assert openvino_precision(True, "first_layer", {"avx2"})[0] == "f32"
+    assert openvino_precision(True, None, {"avx2", "avx512f", "avx512_bf16"})[0] == "bf16"
+    assert openvino_precision(False, "enable", {"avx2", "avx512f", "avx512_bf16"})[0] == "bf16"
+    assert openvino_precision(False, "enable", {"avx2", "avx512_vnni"}) == ("f32", "no INT8 IR, no native bf16")
+    # the tiny model has an INT8 IR quantised by our converter (overflow fix on every layer): auto
+    # takes it on this machine, whatever its CPU
     assert load_backend(tiny_plan, backend="openvino", precision="auto").precision == "int8"
     without_int8 = tmp_path / "model"
     import shutil
@@ -165,4 +170,4 @@ def test_auto_precision_follows_the_cpu_and_the_model(tiny_plan, tmp_path):
     for part in (without_int8 / "openvino").glob("fold_*_int8.*"):
         part.unlink()
     backend = load_backend(load_plan(without_int8), backend="openvino", precision="auto")
-    assert backend.precision == openvino_precision(False)[0]
+    assert backend.precision == openvino_precision(False)[0] != "int8"

@@ -20,6 +20,16 @@ def ir_path(plan: ModelPlan, fold: int, precision: str) -> Path:
     return plan.folder / "openvino" / f"fold_{fold}_{kind}.xml"
 
 
+def overflow_fix(plan: ModelPlan) -> str | None:
+    """How the model's INT8 IR was quantised for CPUs without VNNI (`flarebox-tools convert`); None
+    where the manifest does not say (IR written before the setting was recorded: NNCF's default)."""
+    manifest = plan.folder / "openvino" / "manifest.json"
+    try:
+        return json.loads(manifest.read_text()).get("int8_overflow_fix")
+    except (OSError, ValueError):
+        return None
+
+
 def verify_manifest(plan: ModelPlan, paths: list[Path]) -> None:
     """Check IR files against the sha256 recorded by `flarebox-tools convert`, so a stale IR never runs."""
     manifest_path = plan.folder / "openvino" / "manifest.json"

@@ -34,7 +34,7 @@ from flarebox_tools.paths import REPO as ROOT
 # tile), step (tile step), locate (network: the bundled locator; model: the organ model coarsened),
 # threads (the network's; default: every core).
 # The last line is Task 2's shipped configuration.
-DEFAULT = "openvino:int8:body=-500,fit=1,step=0.75"
+DEFAULT = "openvino:auto:body=-500,fit=1,step=0.75"
 CONFIGS = ["openvino:f32", "openvino:bf16", "openvino:int8", "torch:f32", "openvino:int8:body=-500,fit=1",
            DEFAULT, f"{DEFAULT},locate=model", f"{DEFAULT},locate=network"]
 LOCATOR = ROOT / "task2_cpu_organs" / "weights" / "locator"
@@ -235,7 +235,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     model, _ = prepare(workdir, args.slices[0])
     env = dict(os.environ)
-    precisions = sorted({spec.split(":")[1] for spec in args.configs if spec.startswith("openvino:")})
+    precisions = ["f32", "bf16", "int8"]  # one tile each: what this CPU makes of each precision
     print(cpu_line(), flush=True)
     print(f"model: Task 2 PlainConvUNet (random weights); {os.cpu_count()} CPU threads; export mode "
           f"{args.export_mode}", flush=True)

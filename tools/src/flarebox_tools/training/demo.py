@@ -163,6 +163,8 @@ def score_model(model: Path, task: DemoTask, held_out: Path, task_config: Path |
         raw["model"] = {**raw.get("model", {}), "folder": str(model)}
         raw.setdefault("inference", {}).pop("cache_dir", None)  # scoring fills no image's cache
         raw["inference"]["device"] = "cpu"
+        if raw.get("locate", {}).get("folder"):  # the config's own folder's, not the scored model's
+            raw["locate"]["folder"] = str((Path(task_config).parent / raw["locate"]["folder"]).resolve())
         settings = f"{Path(task_config).parent.name}/config.toml, as its container runs it"
     else:
         raw = {"model": {"folder": str(model)},
