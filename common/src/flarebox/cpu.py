@@ -4,9 +4,10 @@ INT8 pays where the CPU multiplies 8-bit integers natively (VNNI: AVX-512 VNNI, 
 there the INT8 tile of the Task 2 network takes a quarter to a third of f32's time. Without VNNI,
 AVX2's 8-bit products go through 16-bit sums that can saturate, unless the IR was quantised with
 NNCF's overflow fix on every layer (`flarebox-tools convert`'s default, recorded in the manifest):
-then INT8 gives the same result there as with VNNI, at 1.7x f32's speed instead of 3-4x. bf16 pays
-only with AVX-512 BF16 or AMX; elsewhere OpenVINO emulates it, many times slower than f32. Measured
-figures: docs/benchmarks.md.
+then INT8 gives the same result there as with VNNI, at 1.7x f32's speed instead of 3-4x. bf16 is
+never chosen: even with AVX-512 BF16 its tile took half of f32's time on one of our CPUs (an AMD
+EPYC) and 1.55x on another (an Intel Xeon), and without it OpenVINO emulates bf16, many times
+slower than f32. Measured figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -44,15 +45,13 @@ def openvino_precision(has_int8: bool, overflow_fix: str | None = "enable",
                        flags: set[str] | None = None) -> tuple[str, str]:
     """The precision `auto` runs on this CPU, and why (for the log): INT8 where the model has an
     INT8 IR and the CPU has VNNI, or has not but the IR cannot saturate (overflow fix on every
-    layer); else bf16 where the CPU computes it natively; else f32."""
+    layer); else f32."""
     flags = cpu_flags() if flags is None else flags
     vnni = sorted(flags & VNNI)
     if has_int8 and vnni:
         return "int8", f"VNNI: {' '.join(vnni)}"
     if has_int8 and overflow_fix == "enable":
         return "int8", "no VNNI; the INT8 IR has the overflow fix on every layer"
-    if flags & NATIVE_BF16:
-        why = "no INT8 IR" if not has_int8 else "no VNNI for an INT8 IR without the overflow fix"
-        return "bf16", f"{why}; native bf16: {' '.join(sorted(flags & NATIVE_BF16))}"
-    why = "no INT8 IR" if not has_int8 else f"no VNNI for an INT8 IR quantised with overflow fix {overflow_fix!r}"
-    return "f32", f"{why}, no native bf16"
+    if not has_int8:
+        return "f32", "no INT8 IR"
+    return "f32", f"no VNNI for an INT8 IR quantised with overflow fix {overflow_fix!r}: it could saturate"
