@@ -165,3 +165,19 @@ def test_a_locator_trains_for_a_users_dataset_and_runs(tmp_path, tiny_model_dir)
     image = _scan()
     located = predictor.locator.locate(image, (2.5, 0.8, 0.8))
     assert located.note  # a box or the whole scan, with its reason
+
+
+def test_a_locator_folder_with_its_ir_alone_runs(tiny_model_dir, tmp_path):
+    """The CPU image carries a locator's plans, dataset and IR, no checkpoint: its folds come from
+    the IR files (a plan without folds once ran no network at all and failed every case)."""
+    import shutil
+
+    ir_only = tmp_path / "locator"
+    ir_only.mkdir()
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(tiny_model_dir / name, ir_only / name)
+    shutil.copytree(tiny_model_dir / "openvino", ir_only / "openvino")
+    predictor = Predictor.from_config(_config(tiny_model_dir, ir_only))
+    assert predictor.locator.plan.folds == (0,)
+    labels, _, _ = predictor.locator.coarse_labels(_scan(), (2.5, 0.8, 0.8))
+    assert labels.ndim == 3

@@ -168,7 +168,10 @@ def load_plan(folder: str | Path, configuration: str = "3d_fullres") -> ModelPla
     labels = dataset["labels"]
     if any(not isinstance(v, int) for v in labels.values()):
         raise ConfigError(f"{folder}/dataset.json: region-based labels are not supported")
-    folds = tuple(sorted(int(p.name.split("_")[1]) for p in folder.glob("fold_*") if p.name[5:].isdigit()))
+    # a fold is a checkpoint folder, or its OpenVINO IR alone (what the CPU image carries)
+    folds = {int(p.name.split("_")[1]) for p in folder.glob("fold_*") if p.name[5:].isdigit()}
+    folds |= {int(p.name.split("_")[1]) for p in folder.glob("openvino/fold_*_*.xml") if p.name.split("_")[1].isdigit()}
+    folds = tuple(sorted(folds))
     channels = dataset.get("channel_names", dataset.get("modality", {}))
     names = tuple(str(channels[k]) for k in sorted(channels, key=int))
     features = "mind" if names == MIND_CHANNEL_NAMES else "intensity"

@@ -61,6 +61,8 @@ class OpenVINOBackend:
         self.patch_zyx = plan.patch_zyx
         self.num_classes = plan.num_classes
         self.precision = precision
+        if not folds:
+            raise ConfigError(f"{plan.folder}: no fold to run (no fold_<k> folder, no openvino/fold_<k>_*.xml)")
         paths = [ir_path(plan, fold, precision) for fold in folds]
         for path in paths:
             if not path.is_file():
