@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,9 +122,9 @@ class Locator:
 
     def __init__(self, plan: ModelPlan, backend: Backend, settings: LocateConfig, *, resampler: str = "auto",
                  body_threshold: float | None = None, body_margin_mm: float = 10.0, step_size: float = 0.75) -> None:
-        # scipy.ndimage (components, below) takes ~0.3-0.4 s to import: in the background now, while
-        # the models load and the first case is read, not in the first case's time
-        threading.Thread(target=importlib.import_module, args=("scipy.ndimage",), daemon=True).start()
+        # scipy.ndimage (components, below) takes ~0.2-0.4 s to import: now, while the first case is
+        # read (run_folder builds the predictor meanwhile), not in the first case's time
+        importlib.import_module("scipy.ndimage")
         self.plan, self.backend, self.settings = plan, backend, settings
         self.resampler, self.body_threshold, self.body_margin_mm = resampler, body_threshold, body_margin_mm
         self.step_size = step_size
