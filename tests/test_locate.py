@@ -151,14 +151,19 @@ def test_locate_settings_are_checked(tiny_model_dir, tmp_path):
 
 
 def test_a_locator_trains_for_a_users_dataset_and_runs(tmp_path, tiny_model_dir):
-    """`flarebox-tools locator` on a small organ dataset: a model folder with its OpenVINO IR that
-    the engine takes as [locate] folder."""
+    """`flarebox-tools locator` on a small organ dataset, run as a user runs it (its own process: a
+    torch training in the test process, after OpenVINO, left this Xeon's torch to crash a later
+    test): a model folder with its OpenVINO IR that the engine takes as [locate] folder."""
+    import subprocess
+    import sys
+
     from flarebox_tools import phantoms
-    from flarebox_tools.cli import main
 
     raw = phantoms.write_dataset(tmp_path / "raw", 4, 0, label_set="organs", spacing_scale=3.0)
     out = tmp_path / "locator"
-    assert main(["locator", "--dataset", str(raw), "--out", str(out), "--epochs", "1"]) == 0
+    run = subprocess.run([sys.executable, "-m", "flarebox_tools.cli", "locator", "--dataset", str(raw), "--out",
+                          str(out), "--epochs", "1"], capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert (out / "openvino" / "fold_0_f32.xml").is_file() and (out / "fold_0" / "checkpoint_final.pth").is_file()
     predictor = Predictor.from_config(_config(tiny_model_dir, out))
     assert predictor.locator.plan.spacing_zyx_mm == (5.0, 5.0, 5.0)

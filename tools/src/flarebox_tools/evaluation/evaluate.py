@@ -68,6 +68,13 @@ def choose_path(requested: str, image: str, task_dir: Path) -> Choice:
     return dataclasses.replace(local, description=f"{local.description}, because {why}")
 
 
+def _failure_lines(log_tail: str, image_name: str) -> str:
+    """The engine's lines about this case (its one-line reason names the file), else the log's last
+    three lines; at most 300 characters."""
+    lines = log_tail.strip().splitlines()
+    return " | ".join([line for line in lines if image_name in line] or lines[-3:])[-300:]
+
+
 def _cases(images: Path | None, labels: Path, predictions: Path | None) -> list[tuple[str, Path | None, Path]]:
     """(case id, image or None, reference) per case, sorted; a case without a reference stops the run."""
     if not labels.is_dir():
@@ -141,7 +148,7 @@ def evaluate(task: str, images: Path | None, labels: Path, report: Path, *, pred
                 row.gpu_peak_mb, row.gpu_area_mb_s = result.gpu_peak_mb, result.gpu_area_mb_s
                 row.ram_peak_mb, row.cpu_mean_pct = result.host.peak_ram_mb, result.host.mean_cpu_pct
                 if row.failure:
-                    row.notes.append("log tail: " + " | ".join(result.log_tail.strip().splitlines()[-3:])[-300:])
+                    row.notes.append("log tail: " + _failure_lines(result.log_tail, case_image.name))
                 prediction = result.prediction
             score(row, prediction, reference, task)
             flag_limits(row, limits)
