@@ -12,6 +12,7 @@ slower than f32. Measured figures: docs/benchmarks.md.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 VNNI = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -30,8 +31,6 @@ def cpu_flags() -> set[str]:
 
 def cpu_description() -> str:
     """The CPU's model name, thread count and the instruction sets that decide the network's speed."""
-    import os
-
     try:
         info = Path("/proc/cpuinfo").read_text()
         name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
