@@ -41,7 +41,7 @@ from flarebox_tools.metrics import score_case
 from flarebox_tools.paths import REAL_CT, REAL_LABELS
 from flarebox_tools.training.checkpoint import load, strip_optimizer
 from flarebox_tools.training.config import NetworkSpec, TrainConfig, replace
-from flarebox_tools.training.trainer import Interrupted, train
+from flarebox_tools.training.trainer import exit_status, train
 
 log = logging.getLogger("flarebox_tools.training")
 MODEL_FILES = ("plans.json", "dataset.json", "fold_0", "openvino", "scores.json", "scores.md")
@@ -358,15 +358,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="phantoms, cache and checkpoints: rerun with the same folder to go on where it stopped")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    try:
-        run(args.task, Path(args.out).resolve(), minutes=args.minutes, n_train=args.train_cases,
-            n_held_out=args.held_out, seed=args.seed, work=Path(args.work).resolve(),
-            task_config=Path(args.config) if args.config else None,
-            init_weights=Path(args.init_weights).resolve() if args.init_weights else None)
-    except Interrupted as stopped:
-        log.warning("%s", stopped)
-        return 128 + stopped.signum
-    return 0
+    return exit_status(lambda: run(
+        args.task, Path(args.out).resolve(), minutes=args.minutes, n_train=args.train_cases,
+        n_held_out=args.held_out, seed=args.seed, work=Path(args.work).resolve(),
+        task_config=Path(args.config) if args.config else None,
+        init_weights=Path(args.init_weights).resolve() if args.init_weights else None))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flarebox_tools.training.config import TrainConfig, replace
 from flarebox_tools.training.demo import DEMO_TRAINING, TASKS, install_model
-from flarebox_tools.training.trainer import Interrupted, train
+from flarebox_tools.training.trainer import exit_status, train
 
 log = logging.getLogger("flarebox_tools.training")
 
@@ -53,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else out.parent / ".locator-work"
-    try:
-        train_locator(Path(args.dataset), out, work=work, epochs=args.epochs, seed=args.seed)
-    except Interrupted as stopped:
-        log.warning("%s", stopped)
-        return 128 + stopped.signum
-    return 0
+    return exit_status(lambda: train_locator(Path(args.dataset), out, work=work, epochs=args.epochs, seed=args.seed))
 
 
 if __name__ == "__main__":

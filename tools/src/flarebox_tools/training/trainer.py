@@ -38,6 +38,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -189,6 +190,17 @@ class Interrupted(Exception):
         super().__init__(f"stopped by signal {signum} after step {steps_done}; {checkpoint_path} holds it: "
                          "run the same command again to go on")
         self.checkpoint_path, self.steps_done, self.signum = checkpoint_path, steps_done, signum
+
+
+def exit_status(work: Callable[[], object]) -> int:
+    """A command's exit status around `work`: 0 when it completes, 128 + the signal when SIGTERM or
+    SIGINT interrupted it (said in one line: its checkpoint lets the same command go on)."""
+    try:
+        work()
+    except Interrupted as stopped:
+        log.warning("%s", stopped)
+        return 128 + stopped.signum
+    return 0
 
 
 class StopSignals:

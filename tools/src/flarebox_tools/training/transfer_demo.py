@@ -252,16 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    from flarebox_tools.training.trainer import Interrupted
+    from flarebox_tools.training.trainer import exit_status
 
-    try:
-        run(Path(args.out).resolve(), Path(args.mind_out).resolve() if args.mind_out else None, Path(args.work),
-            minutes=args.minutes, n_ct=args.ct_cases, n_mri=args.mri_patients, n_held_out=args.held_out,
-            seed=args.seed, min_organs=args.min_organs, min_selected=args.min_selected, epochs=args.epochs)
-    except Interrupted as stopped:
-        log.warning("%s", stopped)
-        return 128 + stopped.signum
-    return 0
+    return exit_status(lambda: run(
+        Path(args.out).resolve(), Path(args.mind_out).resolve() if args.mind_out else None, Path(args.work),
+        minutes=args.minutes, n_ct=args.ct_cases, n_mri=args.mri_patients, n_held_out=args.held_out,
+        seed=args.seed, min_organs=args.min_organs, min_selected=args.min_selected, epochs=args.epochs))
 
 
 if __name__ == "__main__":
