@@ -160,17 +160,16 @@ def score_model(model: Path, task: DemoTask, held_out: Path, task_config: Path |
 
     if task_config is not None:
         raw = tomllib.loads(Path(task_config).read_text())
-        raw["model"] = {**raw.get("model", {}), "folder": str(model)}
+        raw["model"] = {**raw.get("model", {}), "folder": str(Path(model).resolve())}
         raw.setdefault("inference", {}).pop("cache_dir", None)  # scoring fills no image's cache
         raw["inference"]["device"] = "cpu"
-        if raw.get("locate", {}).get("folder"):  # the config's own folder's, not the scored model's
-            raw["locate"]["folder"] = str((Path(task_config).parent / raw["locate"]["folder"]).resolve())
         settings = f"{Path(task_config).parent.name}/config.toml, as its container runs it"
     else:
         raw = {"model": {"folder": str(model)},
                "inference": {"backend": task.backend, "precision": task.precision, "device": "cpu"}}
         settings = "the engine's default settings (step 0.5, no body crop)"
-    config = from_dict(raw, model)
+    # the config's other paths (the locator's folder) are its own folder's, as when its container runs it
+    config = from_dict(raw, Path(task_config).parent if task_config is not None else model)
     predictor = Predictor.from_config(config)
     per_case, seconds = {}, []
     for image in sorted((held_out / "imagesTr").glob(f"*{io.INPUT_SUFFIX}")):
