@@ -18,7 +18,7 @@ class LinearBackend:
     """A 'network' whose logits are known: channel k = (k + 1) * input + k. Stitching must reproduce it."""
 
     def __init__(self, patch, num_classes=3):
-        self.patch_zyx, self.num_classes, self.calls = tuple(patch), num_classes, 0
+        self.patch_zyx, self.num_classes, self.calls, self.z_halo = tuple(patch), num_classes, 0, 0
 
     def predict(self, tile):
         self.calls += 1

@@ -19,7 +19,7 @@ from flarebox_tools.training.config import NetworkSpec, TrainConfig, load_config
 from flarebox_tools.training.data import TrainingCase, class_locations, resample_labels, split_cases
 from flarebox_tools.training.loss import deep_supervision_loss, deep_supervision_weights, dice_ce
 from flarebox_tools.training.sampling import crop, rank_batch_size, sample_batch
-from flarebox_tools.training.trainer import labelled_mask, poly_lr
+from flarebox_tools.training.trainer import cps_loss, cps_ramp, labelled_mask, poly_lr
 from tests.conftest import TINY_NETWORK_TOML
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +237,80 @@ def test_label_resampling_keeps_thin_structures_and_splits_are_disjoint():
 
 
 # ---- a real run ---------------------------------------------------------------------------------------
+
+# ---- cross pseudo supervision ----------------------------------------------------------------------
+
+def test_cps_weight_ramps_linearly_from_zero_then_holds():
+    config = TrainConfig(cps_weight=0.5, cps_ramp_epochs=10)
+    assert [cps_ramp(e, config) for e in (0, 2.5, 5, 10, 40)] == [0.0, 0.125, 0.25, 0.5, 0.5]
+    assert cps_ramp(0, TrainConfig(cps_weight=0.5, cps_ramp_epochs=0)) == 0.5
+    assert cps_ramp(30, TrainConfig()) == 0.0  # off by default
+    with pytest.raises(ConfigError, match="cps_weight"):
+        load_config(None, cps_weight=-1)
+
+
+def test_cps_loss_is_each_network_against_the_others_argmax():
+    torch.manual_seed(0)
+    a = torch.randn(2, 4, 3, 6, 6, requires_grad=True)
+    b = torch.randn(2, 4, 3, 6, 6, requires_grad=True)
+    expected = dice_ce(a, b.argmax(1)) + dice_ce(b, a.argmax(1))
+    got = cps_loss(a, b)
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+    # with deep supervision the pseudo labels come from the other's finest output
+    coarse_a, coarse_b = torch.randn(2, 4, 3, 3, 3), torch.randn(2, 4, 3, 3, 3)
+    listed = cps_loss([a, coarse_a], [b, coarse_b])
+    expected = (deep_supervision_loss([a, coarse_a], b.argmax(1)) + deep_supervision_loss([b, coarse_b], a.argmax(1)))
+    torch.testing.assert_close(listed, expected)
+    # networks that agree, confidently, are barely pushed; disagreeing ones are
+    confident = 10 * torch.nn.functional.one_hot(torch.randint(0, 4, (2, 3, 6, 6)), 4).permute(0, 4, 1, 2, 3).float()
+    assert cps_loss(confident, confident) < cps_loss(confident, confident.roll(1, dims=1)) - 1.0
+
+
+def test_unlabelled_cases_fill_their_share_of_the_batch():
+    rng = np.random.default_rng(0)
+    labelled = [TrainingCase("lab", np.zeros((1, 8, 8, 8), np.float32), np.zeros((8, 8, 8), np.uint8), {})]
+    unlabelled = [TrainingCase("unl", np.zeros((1, 8, 8, 8), np.float32), np.zeros((8, 8, 8), np.uint8), {})]
+    ids = []
+    for _ in range(200):
+        ids += sample_batch(labelled, 4, (8, 8, 8), rng, unlabelled=unlabelled, unlabelled_share=0.25).case_ids
+    assert 0.2 < ids.count("unl") / len(ids) < 0.3
+    without = sample_batch(labelled, 4, (8, 8, 8), np.random.default_rng(1), unlabelled=[], unlabelled_share=0.25)
+    assert set(without.case_ids) == {"lab"}
+
+
+def test_cps_trains_two_networks_and_learns_from_unlabelled_cases(tmp_path, caplog):
+    from flarebox import io
+    from flarebox_tools.phantoms import write_dataset
+    from flarebox_tools.training.checkpoint import load, strip_optimizer
+    from flarebox_tools.training.trainer import train
+
+    raw = write_dataset(tmp_path / "raw", 4, 0, spacing_zyx_mm=(6.0, 6.0, 6.0))
+    unlabelled = raw / "labelsTr" / "phantom_0003.nii.gz"  # its labels withheld: an empty map
+    volume = io.read_image(unlabelled)
+    io.write_labels(unlabelled, np.zeros_like(volume.array_zyx, dtype=np.uint8), volume.geometry)
+    config = TrainConfig(epochs=2, iterations_per_epoch=3, batch_size=2, validation_cases=1, validate_every_epochs=2,
+                         device="cpu", optimizer="adamw", learning_rate=3e-3, cps_weight=0.5, cps_ramp_epochs=1,
+                         partial_labels=(("phantom_0003", ()),))
+    with caplog.at_level(logging.INFO, logger="flarebox_tools.training"):
+        final = train(raw, tmp_path / "model", config, network_spec=TINY_NETWORK, cache_dir=tmp_path / "cache")
+    assert "1 unlabelled cases: 50% of the samples" in caplog.text
+    state = load(final)
+    partner = state["cps_partner"]["network_weights"]
+    ours = state["network_weights"]
+    assert partner.keys() == ours.keys()
+    assert any(not torch.equal(partner[k], ours[k]) for k in ours)  # two networks, not one twice
+    assert all(torch.isfinite(v).all() for v in (*partner.values(), *ours.values()))
+    assert all(np.isfinite(state["logging"]["train_losses"]))
+    assert "cps_partner" not in load(strip_optimizer(final))  # never shipped
+
+    caplog.clear()
+    without = dataclasses.replace(config, cps_weight=0.0, epochs=1)
+    with caplog.at_level(logging.INFO, logger="flarebox_tools.training"):
+        train(raw, tmp_path / "plain", without, network_spec=TINY_NETWORK, cache_dir=tmp_path / "cache")
+    assert "1 unlabelled cases: unused (cps_weight = 0)" in caplog.text
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -92,9 +92,11 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    """Lesion clean-up (postprocess.py); the defaults change nothing."""
+    """Clean-up on the original grid (postprocess.py); the defaults change nothing."""
 
-    label: int = 1  # the label the rules apply to
+    # every label closed with a (2 * closing + 1)^3 cube (1: the lightweight Task 2 entry's 3x3x3)
+    closing: int = 0
+    label: int = 1  # the label the lesion rules below apply to
     min_component_mm3: float = 0.0  # drop components smaller than this
     gate_config: Path | None = None  # a task config whose model's foreground gates the label
     gate_margin_mm: float = 10.0  # a component survives if within this distance of the gate's mask
@@ -154,6 +156,7 @@ def validate(config: TaskConfig) -> TaskConfig:
         (inf.memory_limit_gb >= 0, "[inference] memory_limit_gb", "zero (the container's limit) or positive"),
         (config.preprocess.body_margin_mm >= 0, "[preprocess] body_margin_mm", "zero or positive"),
         (config.postprocess.min_component_mm3 >= 0, "[postprocess] min_component_mm3", "zero or positive"),
+        (0 <= config.postprocess.closing <= 5, "[postprocess] closing", "a radius in voxels from 0 (off) to 5"),
         (config.postprocess.gate_margin_mm >= 0, "[postprocess] gate_margin_mm", "zero or positive"),
         (config.postprocess.gate_config is None or config.postprocess.gate_config.is_file(),
          "[postprocess] gate_config", "an existing task config file"),

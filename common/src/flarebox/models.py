@@ -22,6 +22,7 @@ from flarebox.mind import CHANNEL_NAMES as MIND_CHANNEL_NAMES
 
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+LIGHT_UNET = "flarebox.networks.LightUNet"  # the 2.5D lightweight network (networks.py)
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,17 @@ class ModelPlan:
 
     @property
     def patch_divisor_zyx(self) -> tuple[int, int, int]:
-        """What a tile's size must divide by along each axis: the product of the network's strides."""
-        strides = np.asarray(self.architecture.kwargs["strides"], dtype=int)
-        return tuple(int(v) for v in strides.prod(axis=0))
+        """What a tile's size must divide by along each axis: the product of the network's strides
+        (a 2.5D network's are in-plane only)."""
+        total = np.asarray(self.architecture.kwargs["strides"], dtype=int).prod(axis=0)
+        return tuple(int(v) for v in ([1] * (3 - len(total)) + list(total)))
+
+    @property
+    def z_halo(self) -> int:
+        """Slices a 2.5D network reads on each side of the one it segments; 0 for a 3D network."""
+        if self.architecture.class_name.rsplit(".", 1)[-1] != LIGHT_UNET.rsplit(".", 1)[-1]:
+            return 0
+        return int(self.architecture.kwargs.get("slices", 3)) // 2
 
     @property
     def num_input_channels(self) -> int:
@@ -203,7 +212,9 @@ def _known_classes() -> dict[str, Any]:
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet, ResidualUNet
 
-    classes = (PlainConvUNet, ResidualEncoderUNet, ResidualUNet, torch.nn.Conv2d, torch.nn.Conv3d,
+    from flarebox.networks import LightUNet
+
+    classes = (PlainConvUNet, ResidualEncoderUNet, ResidualUNet, LightUNet, torch.nn.Conv2d, torch.nn.Conv3d,
                torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
                torch.nn.LeakyReLU, torch.nn.ReLU, torch.nn.Dropout2d, torch.nn.Dropout3d)
     return {cls.__name__: cls for cls in classes}

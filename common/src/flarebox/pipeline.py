@@ -33,7 +33,7 @@ from flarebox.locate import Locator, coarse_plan
 from flarebox.memory import Budget, Need
 from flarebox.models import ModelPlan, load_plan
 from flarebox.preprocess import NNUNET_PADDING, PadValues, Preprocessed, preprocess
-from flarebox.sliding_window import fitted_patch, gaussian_importance, predict_logits
+from flarebox.sliding_window import fitted_patch, importance_map, predict_logits
 
 log = logging.getLogger("flarebox")
 _COMPILER = ThreadPoolExecutor(1, "flarebox-compile")
@@ -271,7 +271,8 @@ class Predictor:
             )
         if compiling:
             for model in self.models:  # the fitted tile's Gaussian map while its shape compiles
-                gaussian_importance(tuple(self._tile_backend(model, pre.data.shape[1:]).patch_zyx))
+                tile = self._tile_backend(model, pre.data.shape[1:])
+                importance_map(tuple(tile.patch_zyx), tile.z_halo)
             with timings.stage("compile"):
                 for future in compiling:
                     future.result()
@@ -289,13 +290,16 @@ class Predictor:
 
     @property
     def _postprocesses(self) -> bool:
-        return self.config.postprocess.min_component_mm3 > 0 or self.gate is not None
+        post = self.config.postprocess
+        return post.closing > 0 or post.min_component_mm3 > 0 or self.gate is not None
 
     def _postprocess(self, labels: np.ndarray, volume: io.Volume) -> np.ndarray:
-        """Small lesion components removed, then lesions outside the gate model's mask (with a margin)."""
-        from flarebox.postprocess import gate_by_mask, remove_small_components  # scipy: here only
+        """Every label closed; small lesion components removed, then lesions outside the gate
+        model's mask (with a margin)."""
+        from flarebox.postprocess import close_labels, gate_by_mask, remove_small_components  # scipy: here only
 
         post, spacing = self.config.postprocess, volume.geometry.spacing_zyx_mm
+        labels = close_labels(labels, post.closing)
         labels = remove_small_components(labels, spacing, post.min_component_mm3, post.label)
         if self.gate is not None and (labels == post.label).any():
             labels = gate_by_mask(labels, self.gate.segment(volume) > 0, spacing, post.gate_margin_mm, post.label)

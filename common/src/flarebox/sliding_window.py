@@ -5,6 +5,12 @@ last tile ends at the border), each tile's logits are weighted by a Gaussian imp
 (sigma = patch / 8) and the weighted sum is divided by the summed weights. Axes smaller than the
 patch are padded with zeros, split evenly before and after. Mirroring (test-time augmentation) is
 off by default, as in the published FLARE entries.
+
+A 2.5D network (networks.LightUNet, `backend.z_halo` > 0) segments each slice of a tile from the
+slices beside it; a tile's end slices lack one side. Its tiles overlap along z by at least twice
+the halo, and its weights are flat along z but for the halo slices, weighted almost nothing: every
+slice takes its logits from a tile where its neighbours are real (the scan's own first and last
+slices, which no tile holds inside, take the repeated neighbour, as a slice loop would).
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ if TYPE_CHECKING:
     from flarebox.backends import Backend, TensorBackend
 
 
-def tile_starts(image_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], step_size: float) -> list[list[int]]:
-    """Start index of every tile along each axis (nnU-Net's placement)."""
-    if not 0 < step_size <= 1:
+def tile_starts(image_zyx: tuple[int, ...], patch_zyx: tuple[int, ...],
+                step_size: float | tuple[float, ...]) -> list[list[int]]:
+    """Start index of every tile along each axis (nnU-Net's placement); step_size: one for all
+    axes, or one per axis."""
+    steps = step_size if isinstance(step_size, tuple) else (step_size,) * len(patch_zyx)
+    if not all(0 < step <= 1 for step in steps):
         raise ValueError(f"step_size must be in (0, 1], got {step_size}")
     starts = []
-    for size, patch in zip(image_zyx, patch_zyx, strict=True):
+    for size, patch, step_size in zip(image_zyx, patch_zyx, steps, strict=True):
         if size < patch:
             raise ValueError(f"image axis of {size} is smaller than the patch ({patch}); pad it first")
         n_steps = int(np.ceil((size - patch) / (patch * step_size))) + 1
@@ -73,6 +82,36 @@ def gaussian_importance(patch_zyx: tuple[int, ...], sigma_scale: float = 1.0 / 8
     return weights
 
 
+# a 2.5D tile's halo slices: nonzero, so that the scan's end slices, which only a halo covers, keep
+# a value, but far below any slice with both neighbours
+HALO_WEIGHT = 1e-6
+
+
+def slice_steps(patch_zyx: tuple[int, ...], step_size: float, z_halo: int) -> float | tuple[float, ...]:
+    """The sliding window's steps: `step_size` on every axis for a 3D network; for a 2.5D one, z
+    steps by the patch less both halos (consecutive tiles overlap by exactly the halos)."""
+    if z_halo <= 0:
+        return step_size
+    depth = patch_zyx[0]
+    if depth <= 2 * z_halo:
+        raise ValueError(f"a tile of {depth} slices has none with both neighbours (halo {z_halo})")
+    return ((depth - 2 * z_halo) / depth, *(step_size,) * (len(patch_zyx) - 1))
+
+
+@lru_cache(maxsize=4)
+def importance_map(patch_zyx: tuple[int, ...], z_halo: int = 0) -> np.ndarray:
+    """The tiles' blending weights: nnU-Net's Gaussian for a 3D network; for a 2.5D one (z_halo
+    > 0) the in-plane Gaussian, flat along z but HALO_WEIGHT on the halo slices."""
+    if z_halo <= 0:
+        return gaussian_importance(patch_zyx)
+    plane = gaussian_importance((1, *patch_zyx[1:]))
+    along_z = np.ones(patch_zyx[0], dtype=np.float32)
+    along_z[:z_halo] = along_z[-z_halo:] = HALO_WEIGHT
+    weights = along_z[:, None, None] * plane
+    weights.setflags(write=False)
+    return weights
+
+
 def pad_to_patch(data: np.ndarray, patch_zyx: tuple[int, ...], values: PadValues = NNUNET_PADDING
                  ) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Pad spatial axes smaller than the patch, evenly on both sides, with `values` per axis and
@@ -88,7 +127,8 @@ def pad_to_patch(data: np.ndarray, patch_zyx: tuple[int, ...], values: PadValues
     return np.pad(data, pads, mode="constant", constant_values=((0.0, 0.0), *values)), tuple(undo)
 
 
-def tiles(shape_zyx: tuple[int, ...], patch_zyx: tuple[int, ...], step_size: float) -> Iterator[tuple[slice, ...]]:
+def tiles(shape_zyx: tuple[int, ...], patch_zyx: tuple[int, ...],
+          step_size: float | tuple[float, ...]) -> Iterator[tuple[slice, ...]]:
     for start in itertools.product(*tile_starts(shape_zyx, patch_zyx, step_size)):
         yield tuple(slice(s, s + p) for s, p in zip(start, patch_zyx, strict=True))
 
@@ -204,7 +244,8 @@ def predict_logits(
 ) -> np.ndarray:
     """Sliding-window logits (or labels) of a preprocessed (c, z, y, x) array.
 
-    step_size: tile step as a fraction of the patch (0.5 = nnU-Net default).
+    step_size: tile step as a fraction of the patch (0.5 = nnU-Net default); along z for a 2.5D
+        network (`backend.z_halo` > 0), the patch less its halos (module docstring).
     mirroring: average over the 7 flips of the three axes too (8x the work).
     on_tile: called as on_tile(done, total) after each tile, for progress reporting.
     accumulate: 'host' sums the weighted tiles in NumPy; 'device' sums them in torch on the
@@ -223,9 +264,16 @@ def predict_logits(
     """
     if accumulate not in ACCUMULATE:
         raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
-    patch = tuple(backend.patch_zyx)
-    padded, undo = pad_to_patch(np.asarray(data, dtype=np.float32), patch, pad_values)
-    slicers = list(tiles(padded.shape[1:], patch, step_size))
+    patch, halo = tuple(backend.patch_zyx), backend.z_halo
+    data = np.asarray(data, dtype=np.float32)
+    if halo and data.shape[1] < patch[0]:  # a 2.5D network's end slices repeat (as a slice loop's would)
+        diff = patch[0] - data.shape[1]
+        data = np.pad(data, ((0, 0), (diff // 2, diff - diff // 2), (0, 0), (0, 0)), mode="edge")
+        padded, undo = pad_to_patch(data, patch, pad_values)
+        undo = (undo[0], slice(diff // 2, diff // 2 + data.shape[1] - diff), *undo[2:])
+    else:
+        padded, undo = pad_to_patch(data, patch, pad_values)
+    slicers = list(tiles(padded.shape[1:], patch, slice_steps(patch, step_size, halo)))
     if accumulate == "device":
         import torch
 
@@ -252,7 +300,7 @@ def _column_labels(arrays: _HostArrays, backend: Backend, shape: tuple[int, ...]
     tiles overlap are weighted and summed, in a carry as deep as the overlap: at step 0.75 about a
     quarter of what a band one patch deep sums, shifts and clears, and a quarter of its memory."""
     k, depth = backend.num_classes, int(backend.patch_zyx[0])
-    weights = gaussian_importance(tuple(backend.patch_zyx))
+    weights = importance_map(tuple(backend.patch_zyx), backend.z_halo)
     starts = [region[0].start for region in slicers]
     ends = [start + depth for start in starts]
     finals = [*starts[1:], shape[0]]  # after tile i, no later tile reaches the slices below finals[i]
@@ -288,7 +336,7 @@ def _band_sums(arrays, backend: Backend, shape: tuple[int, ...], slicers: list[t
     out = np.empty(shape, dtype=np.uint8) if labels else np.empty((k, *shape), dtype=np.float32)
     # float32 sums, not nnU-Net's float16: in float16, products with the tiny weights at tile corners
     # fall below its range, which costs nnU-Net up to 2 % of the largest logit at image corners.
-    weights = arrays.from_numpy(gaussian_importance(tuple(backend.patch_zyx)))
+    weights = arrays.from_numpy(importance_map(tuple(backend.patch_zyx), backend.z_halo))
     # the logits' weights: with mirroring the tile's logits are a sum over 8 flips, whose mean this takes
     logit_weights = weights / (len(FLIPS) + 1) if mirroring else weights
     band = arrays.zeros((k, depth, *shape[1:]))

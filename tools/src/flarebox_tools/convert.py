@@ -75,10 +75,13 @@ def convert_model(
     shape = (1, plan.num_input_channels, *plan.patch_zyx)
     manifest_path = out_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
+    # A 2.5D network reshapes its tile into a batch of slices: that reshape must follow the tile's
+    # shape, which the engine sets at compile time, so its z, y and x stay dynamic in the IR.
+    declared = ov.PartialShape([1, shape[1], -1, -1, -1]) if plan.z_halo else ov.PartialShape(list(shape))
     for fold in folds:
         network = load_network(plan, fold, checkpoint)
         with torch.no_grad():
-            model = ov.convert_model(network, example_input=torch.zeros(shape), input=[shape])
+            model = ov.convert_model(network, example_input=torch.zeros(shape), input=[declared])
         written = [out_dir / f"fold_{fold}_f32.xml"]
         ov.save_model(model, written[0], compress_to_fp16=False)
         if tiles:

@@ -32,6 +32,9 @@ class Backend(Protocol):
 
     patch_zyx: tuple[int, int, int]  # the tile shape it runs
     num_classes: int
+    # slices a 2.5D network reads on each side of the one it segments (0: a 3D network); the
+    # sliding window overlaps tiles along z by twice this
+    z_halo: int
     precision: str  # what the network runs in (torch's fp16 setting runs f32 on the CPU)
     needs_compile: bool  # compile() does work (OpenVINO compiles each tile shape; torch runs eagerly)
 

@@ -60,6 +60,7 @@ class OpenVINOBackend:
     ) -> None:
         self.patch_zyx = plan.patch_zyx
         self.num_classes = plan.num_classes
+        self.z_halo = plan.z_halo
         self.precision = precision
         if not folds:
             raise ConfigError(f"{plan.folder}: no fold to run (no fold_<k> folder, no openvino/fold_<k>_*.xml)")
@@ -115,9 +116,11 @@ class OpenVINOBackend:
         for path in self._paths:
             model: Path | ov.Model = path
             config = self._config
-            if tuple(self.patch_zyx) != self._nominal_patch:
+            fitted = tuple(self.patch_zyx) != self._nominal_patch
+            if fitted or self.z_halo:  # a 2.5D network's IR leaves the tile's shape open (convert.py)
                 model = self._core.read_model(str(path))
                 model.reshape({0: [1, model.inputs[0].partial_shape[1].get_length(), *self.patch_zyx]})
+            if fitted:
                 # A fitted shape is the case's own: written to the cache it would cost time (a large
                 # blob) in a container discarded after the run; this process keeps it for later cases.
                 config = {**config, "CACHE_DIR": ""}

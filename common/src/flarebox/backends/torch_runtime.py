@@ -17,8 +17,8 @@ class TorchBackend:
     needs_compile = False  # eager: nothing to prepare per tile shape
 
     def __init__(self, networks: list[torch.nn.Module], patch_zyx: tuple[int, int, int], num_classes: int, *,
-                 device: str = "cpu", precision: str = "f32") -> None:
-        self.patch_zyx, self.num_classes = tuple(patch_zyx), num_classes
+                 device: str = "cpu", precision: str = "f32", z_halo: int = 0) -> None:
+        self.patch_zyx, self.num_classes, self.z_halo = tuple(patch_zyx), num_classes, z_halo
         self.device = torch.device(device)
         # fp16 is a CUDA setting: CPU kernels for it are slow or missing, so the CPU runs f32
         self.precision = "f32" if precision == "fp16" and self.device.type != "cuda" else precision
@@ -41,7 +41,8 @@ class TorchBackend:
         if torch.device(device).type == "cuda":
             torch.backends.cudnn.benchmark = True
         networks = [load_network(plan, fold, checkpoint) for fold in folds]
-        return cls(networks, plan.patch_zyx, plan.num_classes, device=device, precision=precision)
+        return cls(networks, plan.patch_zyx, plan.num_classes, device=device, precision=precision,
+                   z_halo=plan.z_halo)
 
     def _autocast(self):
         if self.precision == "f32":
@@ -69,7 +70,7 @@ class TorchBackend:
         if tuple(patch_zyx) == self.patch_zyx:
             return self
         return TorchBackend(self.networks, tuple(patch_zyx), self.num_classes, device=str(self.device),
-                            precision=self.precision)
+                            precision=self.precision, z_halo=self.z_halo)
 
     def compile(self) -> None:
         """Nothing to do: torch runs each shape eagerly (cuDNN picks its kernels on the first tile)."""

@@ -54,9 +54,11 @@ def save(
     mirror_axes: tuple[int, ...],
     optimizer: torch.optim.Optimizer | None = None,
     grad_scaler: Any = None,
+    partner: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None,
 ) -> Path:
     """Write a checkpoint atomically. optimizer=None leaves its state out: SGD's momentum doubles
-    the file, AdamW's two moments triple it."""
+    the file, AdamW's two moments triple it. partner: cross pseudo supervision's second network
+    and its optimiser, kept under `cps_partner` to go on training (never shipped)."""
     checkpoint = {
         "network_weights": cpu_state_dict(unwrap(network)),
         "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
@@ -74,6 +76,9 @@ def save(
         "trainer_name": TRAINER_NAME,
         "inference_allowed_mirroring_axes": tuple(mirror_axes),
     }
+    if partner is not None:
+        checkpoint["cps_partner"] = {"network_weights": cpu_state_dict(unwrap(partner[0])),
+                                     "optimizer_state": partner[1].state_dict()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -87,10 +92,11 @@ def load(path: str | Path) -> dict[str, Any]:
 
 
 def strip_optimizer(path: str | Path) -> Path:
-    """Rewrite a checkpoint without optimizer and grad-scaler state (for shipping)."""
+    """Rewrite a checkpoint without optimizer and grad-scaler state, nor a CPS partner (for shipping)."""
     checkpoint = load(path)
     checkpoint["optimizer_state"] = None
     checkpoint["grad_scaler_state"] = None
+    checkpoint.pop("cps_partner", None)
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)

@@ -83,8 +83,16 @@ class TrainConfig:
     # network: fine-tuning, or a longer schedule after a shorter one); "" = none
     init_weights: str = ""
     # Partial labels: (case-id prefix, classes that source dataset annotates). A case matching no
-    # prefix is fully labelled. See loss.py for what the loss does with the other classes.
+    # prefix is fully labelled; one declared with no class ([]) is unlabelled, and only cross pseudo
+    # supervision learns from it. See loss.py for what the loss does with the other classes.
     partial_labels: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # Cross pseudo supervision (3D-CPS, FLARE.md): a second network of the same plan, initialised
+    # with seed + 1, trains beside the first; besides the labels, each learns the other's argmax on
+    # every sample, labelled or not, weighted by cps_weight (published: 0.5) ramped linearly from 0
+    # over cps_ramp_epochs. 0 = off. The first network is the model saved.
+    cps_weight: float = 0.0
+    cps_ramp_epochs: float = 10.0
+    unlabelled_share: float = 0.5  # with CPS: the share of samples drawn from the unlabelled cases
 
     def labelled_classes(self, case_id: str) -> tuple[int, ...] | None:
         """The foreground classes annotated in this case, or None when all are."""
@@ -96,7 +104,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """The model folder to create: an nnU-Net `3d_fullres` plan for a PlainConvUNet or ResidualEncoderUNet."""
+    """The model folder to create: an nnU-Net `3d_fullres` plan for a PlainConvUNet or
+    ResidualEncoderUNet (kind "unet"), or for the lightweight 2.5D network (kind "light",
+    flarebox.networks.LightUNet: strides and 3x3 kernels in-plane only, `blocks_per_stage` equal,
+    the patch's z the slices of a tile)."""
 
     features_per_stage: tuple[int, ...]
     strides_zyx: tuple[tuple[int, int, int], ...]
@@ -114,6 +125,9 @@ class NetworkSpec:
     # intensity: the normalised image; mind: 12 MIND-SSC channels computed from it (flarebox.mind),
     # for a model that must work across modalities (Task 3's CT-trained model applied to MRI)
     input_features: str = "intensity"
+    kind: str = "unet"  # unet | light
+    slices: int = 3  # kind light: adjacent slices a sample reads (odd)
+    norm_groups: int = 8  # kind light: GroupNorm's groups
 
     @property
     def decoder_convs(self) -> tuple[int, ...]:
@@ -183,6 +197,9 @@ def _validate_train(c: TrainConfig) -> None:
         ("data_workers", c.data_workers >= 0, "must be 0 or more"),
         ("checkpoint_every_minutes", c.checkpoint_every_minutes > 0, "must be positive"),
         ("partial_labels", all(all(k > 0 for k in ks) for _, ks in c.partial_labels), "classes are labels > 0"),
+        ("cps_weight", c.cps_weight >= 0, "zero (off) or positive"),
+        ("cps_ramp_epochs", c.cps_ramp_epochs >= 0, "zero or positive"),
+        ("unlabelled_share", 0 <= c.unlabelled_share < 1, "must be in [0, 1)"),
     ]
     for key, ok, reason in checks:
         if not ok:
@@ -201,7 +218,18 @@ def _validate_network(n: NetworkSpec) -> None:
         ("input_features", n.input_features in ("intensity", "mind"), "intensity or mind"),
         ("spacing_zyx_mm", len(n.spacing_zyx_mm) == 3 and min(n.spacing_zyx_mm) > 0, "3 positive spacings"),
         ("ct_std_hu", n.ct_std_hu > 0, "must be positive"),
+        ("kind", n.kind in ("unet", "light"), "unet or light"),
     ]
+    if n.kind == "light":
+        checks += [
+            ("strides_zyx", all(s[0] == 1 and s[1] == s[2] for s in n.strides_zyx),
+             "kind light strides in-plane only and alike in y and x, e.g. [1, 2, 2]"),
+            ("kernel_sizes_zyx", all(tuple(k) == (1, 3, 3) for k in n.kernel_sizes_zyx), "kind light: [1, 3, 3]"),
+            ("blocks_per_stage", len(set(n.blocks_per_stage)) == 1, "kind light: the same count in every stage"),
+            ("slices", n.slices >= 1 and n.slices % 2 == 1, "odd and positive"),
+            ("patch_zyx", n.patch_zyx[0] > 2 * (n.slices // 2), "kind light: more slices than the neighbours read"),
+            ("residual", not n.residual, "kind light has no residual variant"),
+        ]
     for key, ok, reason in checks:
         if not ok:
             raise _fail("network", key, reason)

@@ -82,6 +82,22 @@ TASKS = {
             ct_clip_hu=(-958.0, 270.0), ct_mean_hu=-97.3, ct_std_hu=137.8),
         training={"epochs": 85, "iterations_per_epoch": 40, "mirror_axes": ()},
         backend="openvino", precision="int8", openvino=True, int8=True, train_spacing_scale=1.0),
+    # The lightweight alternative for Task 2 (FLARE.md, FZU; flarebox.networks.LightUNet): a 2.5D
+    # U-Net of depthwise-separable convolutions with ECA, 16..256 features (0.40 M parameters), 3
+    # adjacent slices, CT window [-160, 300] (as (x - 70) / 230, clipped: [-1, 1]). At Task 2's 2.5 mm
+    # a 192x192 tile spans 48 cm, a whole abdomen, as the published 192x192 resize does; inference
+    # tiles are 32 slices, a batch the CPU runs at once. Trained on 8-slice patches (6 scored) of
+    # 160x160, the size of a body-cropped slice, 4 at a time. No deep supervision (one output).
+    "task2-light": DemoTask(
+        label_set="organs",
+        network=NetworkSpec(
+            kind="light", features_per_stage=(16, 32, 64, 128, 256),
+            strides_zyx=((1, 1, 1),) + ((1, 2, 2),) * 4, kernel_sizes_zyx=((1, 3, 3),) * 5,
+            blocks_per_stage=(2,) * 5, spacing_zyx_mm=(2.5, 2.5, 2.5), patch_zyx=(32, 192, 192),
+            ct_clip_hu=(-160.0, 300.0), ct_mean_hu=70.0, ct_std_hu=230.0),
+        training={"epochs": 60, "iterations_per_epoch": 40, "mirror_axes": (), "patch_zyx": (8, 160, 160),
+                  "batch_size": 4, "deep_supervision": False, "validate_every_epochs": 20},
+        backend="openvino", precision="int8", openvino=True, int8=True, train_spacing_scale=1.0),
     # Published Task 1 model: ResidualEncoderUNet (nnU-Net ResEnc L, blocks 1,3,4,6,6,6), 1 x 0.8 x 0.8 mm,
     # 96x160x160 patch, CT clip [-900, 619], (x + 52.2) / 268.8, 2 classes. Demo: blocks 1,2,2,2,2,2
     # with 8..64 features (2.0 M parameters instead of 102 M), at 2.5 x 2 x 2 mm with a 32x64x64 patch

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ class BatchRecipe:
     intensity_augmentation: bool
     seed: int
     rank: int
+    unlabelled: list[TrainingCase] = field(default_factory=list)  # for cross pseudo supervision
+    unlabelled_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ def make_batch(recipe: BatchRecipe, step: int) -> TrainingBatch:
     rng = np.random.default_rng([recipe.seed, recipe.rank, step])
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     batch = sample_batch(recipe.cases, recipe.batch_size, recipe.patch_zyx, rng,
-                         oversampling=recipe.oversampling, margin_zyx=recipe.margin_zyx)
+                         oversampling=recipe.oversampling, margin_zyx=recipe.margin_zyx,
+                         unlabelled=recipe.unlabelled, unlabelled_share=recipe.unlabelled_share)
     x, y = torch.from_numpy(batch.images), torch.from_numpy(batch.labels).long()
     if recipe.spatial_augmentation:
         x, y = spatial(x, y, recipe.patch_zyx, recipe.settings, rng, gen)

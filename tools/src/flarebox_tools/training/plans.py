@@ -13,7 +13,7 @@ from typing import Any
 
 from flarebox.errors import ConfigError
 from flarebox.mind import CHANNEL_NAMES as MIND_CHANNEL_NAMES
-from flarebox.models import PLAIN_UNET, RESENC_UNET, Architecture, Normalization
+from flarebox.models import LIGHT_UNET, PLAIN_UNET, RESENC_UNET, Architecture, Normalization
 from flarebox_tools.training.config import NetworkSpec
 
 
@@ -34,14 +34,17 @@ def write_plans(
     num_training: int = 0,
 ) -> Path:
     """Write `folder/plans.json` and `folder/dataset.json` for `spec` and the dataset's labels."""
-    architecture = unet_architecture(
-        residual=spec.residual,
-        features_per_stage=list(spec.features_per_stage),
-        strides=[list(s) for s in spec.strides_zyx],
-        kernel_sizes=[list(k) for k in spec.kernel_sizes_zyx],
-        blocks_per_stage=list(spec.blocks_per_stage),
-        convs_per_decoder_stage=list(spec.decoder_convs),
-    )
+    if spec.kind == "light":
+        architecture = light_architecture(spec)
+    else:
+        architecture = unet_architecture(
+            residual=spec.residual,
+            features_per_stage=list(spec.features_per_stage),
+            strides=[list(s) for s in spec.strides_zyx],
+            kernel_sizes=[list(k) for k in spec.kernel_sizes_zyx],
+            blocks_per_stage=list(spec.blocks_per_stage),
+            convs_per_decoder_stage=list(spec.decoder_convs),
+        )
     return write_model_folder(
         folder,
         architecture=architecture,
@@ -67,6 +70,18 @@ def dataset_labels(dataset_dir: str | Path) -> tuple[dict[str, int], str]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: not an nnU-Net raw dataset.json ({exc})") from exc
     return labels, str(channels.get("0", "CT"))
+
+
+def light_architecture(spec: NetworkSpec) -> Architecture:
+    """The `architecture` entry of the lightweight 2.5D network (flarebox.networks.LightUNet)."""
+    kwargs: dict[str, Any] = {
+        "slices": spec.slices,
+        "features_per_stage": list(spec.features_per_stage),
+        "strides": [list(s[1:]) for s in spec.strides_zyx],
+        "convs_per_stage": spec.blocks_per_stage[0],
+        "norm_groups": spec.norm_groups,
+    }
+    return Architecture(LIGHT_UNET, kwargs, ())
 
 
 def unet_architecture(

@@ -21,6 +21,7 @@ background in the labels, as in nnU-Net.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,13 +75,18 @@ def sample_batch(
     *,
     oversampling: float = 0.33,
     margin_zyx: tuple[int, int, int] = (0, 0, 0),
+    unlabelled: Sequence[TrainingCase] = (),
+    unlabelled_share: float = 0.0,
 ) -> Batch:
-    """A batch of crops of size patch + 2 * margin, each centred on its sampled patch."""
+    """A batch of crops of size patch + 2 * margin, each centred on its sampled patch; each sample
+    from `unlabelled` cases with probability `unlabelled_share` (cross pseudo supervision), else
+    from `cases`."""
     margin = np.asarray(margin_zyx)
     region = tuple(int(p + 2 * m) for p, m in zip(patch_zyx, margin, strict=True))
     images, labels, ids, forced = [], [], [], []
     for _ in range(batch_size):
-        case = cases[int(rng.integers(len(cases)))]
+        pool = unlabelled if unlabelled and rng.random() < unlabelled_share else cases
+        case = pool[int(rng.integers(len(pool)))]
         voxel, label = None, 0
         if rng.random() < oversampling and case.class_locations:
             label = int(rng.choice(sorted(case.class_locations)))

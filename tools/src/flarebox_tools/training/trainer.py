@@ -100,7 +100,7 @@ def start_processes(device_setting: str) -> Processes:
 
 def he_init(module: torch.nn.Module) -> None:
     """nnU-Net's InitWeights_He(1e-2): Kaiming normal for the LeakyReLU slope, zero biases."""
-    if isinstance(module, torch.nn.Conv3d | torch.nn.ConvTranspose3d):
+    if isinstance(module, torch.nn.Conv3d | torch.nn.ConvTranspose3d | torch.nn.Conv2d | torch.nn.ConvTranspose2d):
         torch.nn.init.kaiming_normal_(module.weight, a=1e-2)
         if module.bias is not None:
             torch.nn.init.zeros_(module.bias)
@@ -278,13 +278,26 @@ def bf16_gradients_agree(network: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     return True
 
 
+def inner_slices(outputs: torch.Tensor | list[torch.Tensor], y: torch.Tensor, z_halo: int
+                 ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    """A 2.5D network's outputs and targets without the patch's halo slices, whose neighbours the
+    network only had repeated (inference never keeps those: sliding_window.py)."""
+    if z_halo <= 0:
+        return outputs, y
+    inner = slice(z_halo, -z_halo)
+    if isinstance(outputs, torch.Tensor):
+        return outputs[:, :, inner], y[:, inner]
+    return [o[:, :, inner] for o in outputs], y[:, inner]
+
+
 def train_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor | None, config: TrainConfig,
-               amp: torch.dtype | None) -> float:
+               amp: torch.dtype | None, z_halo: int = 0) -> float:
     """One optimiser step on one batch; returns the loss. Under DDP, backward() averages gradients."""
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
         outputs = network(x)
+    outputs, y = inner_slices(outputs, y, z_halo)
     if labelled is not None:
         labelled = labelled.to(x.device)
     loss = deep_supervision_loss(outputs, y, labelled, batch_dice=config.batch_dice)
@@ -299,6 +312,65 @@ def train_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scale
         torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm, foreach=True)
         optimizer.step()
     return float(loss.detach())
+
+
+def cps_ramp(epochs_done: float, config: TrainConfig) -> float:
+    """Cross pseudo supervision's weight after `epochs_done` (fractional) epochs: rising linearly
+    from 0 to config.cps_weight over config.cps_ramp_epochs, then flat."""
+    if config.cps_ramp_epochs <= 0:
+        return config.cps_weight
+    return config.cps_weight * min(1.0, epochs_done / config.cps_ramp_epochs)
+
+
+def _finest(outputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+
+
+def cps_loss(outputs_a: torch.Tensor | list[torch.Tensor], outputs_b: torch.Tensor | list[torch.Tensor],
+             *, batch_dice: bool = False) -> torch.Tensor:
+    """Cross pseudo supervision: each network's outputs against the other's argmax (of its finest
+    output, no gradient through it), Dice + CE on every class of every sample."""
+    with torch.no_grad():
+        pseudo_a, pseudo_b = _finest(outputs_a).argmax(1), _finest(outputs_b).argmax(1)
+    return (deep_supervision_loss(outputs_a, pseudo_b, batch_dice=batch_dice)
+            + deep_supervision_loss(outputs_b, pseudo_a, batch_dice=batch_dice))
+
+
+def cps_step(networks: tuple[torch.nn.Module, torch.nn.Module],
+             optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], scaler: torch.amp.GradScaler | None,
+             x: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor | None, config: TrainConfig,
+             amp: torch.dtype | None, z_halo: int, weight: float) -> float:
+    """One step of both networks on one batch: each one's loss on the labels plus `weight` times the
+    cross pseudo supervision loss; returns the total."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        outputs = [network(x) for network in networks]
+    pairs = [inner_slices(o, y, z_halo) for o in outputs]
+    if labelled is not None:
+        labelled = labelled.to(x.device)
+    loss = sum(deep_supervision_loss(o, target, labelled, batch_dice=config.batch_dice) for o, target in pairs)
+    if weight > 0:
+        loss = loss + weight * cps_loss(pairs[0][0], pairs[1][0], batch_dice=config.batch_dice)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        for network, optimizer in zip(networks, optimizers, strict=True):
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm, foreach=True)
+            scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        for network, optimizer in zip(networks, optimizers, strict=True):
+            torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm, foreach=True)
+            optimizer.step()
+    return float(loss.detach())
+
+
+def split_unlabelled(cases: list[TrainingCase], config: TrainConfig) -> tuple[list[TrainingCase], list[TrainingCase]]:
+    """(labelled, unlabelled): a case whose dataset is declared to annotate no class is unlabelled."""
+    unlabelled = [c for c in cases if config.labelled_classes(c.case_id) == ()]
+    return [c for c in cases if config.labelled_classes(c.case_id) != ()], unlabelled
 
 
 def schedule_progress(epoch: int, config: TrainConfig, training_seconds: float) -> float:
@@ -337,7 +409,8 @@ def _log_epoch(epoch: int, config: TrainConfig, progress: float, loss: float, lr
 
 
 # what a resumed run must share with the run it resumes, or it would train on other batches
-RESUME_KEYS = ("seed", "batch_size", "iterations_per_epoch", "patch_zyx", "foreground_oversampling")
+RESUME_KEYS = ("seed", "batch_size", "iterations_per_epoch", "patch_zyx", "foreground_oversampling", "cps_weight",
+               "unlabelled_share")
 
 
 def train(
@@ -405,6 +478,18 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
     plan = _prepare_model_folder(dataset_dir, model_dir, spec, procs, resume)
     train_cases, val_cases = _load_data(dataset_dir, plan, cache_dir, config, fold, procs)
     check_partial_labels(train_cases + val_cases, config, plan.num_classes)
+    # unlabelled cases: never validated on; learnt from through cross pseudo supervision only
+    val_cases, held_unlabelled = split_unlabelled(val_cases, config)
+    train_cases, unlabelled = split_unlabelled(train_cases, config)
+    unlabelled += held_unlabelled
+    if not train_cases:
+        raise ConfigError(f"{dataset_dir}: no labelled case to train on")
+    if unlabelled and procs.rank == 0:
+        log.info("%d unlabelled cases: %s", len(unlabelled),
+                 f"{config.unlabelled_share:.0%} of the samples (cross pseudo supervision)" if config.cps_weight > 0
+                 else "unused (cps_weight = 0)")
+    if config.cps_weight == 0:
+        unlabelled = []
     patch = config.patch_zyx or plan.patch_zyx
     settings = SpatialSettings(config.rotation_deg, config.scale_range, config.elastic_deformation,
                                config.mirror_axes if config.spatial_augmentation else ())
@@ -413,7 +498,7 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
         margin_zyx=spatial_margin(patch, settings) if config.spatial_augmentation else (0, 0, 0),
         oversampling=config.foreground_oversampling, settings=settings,
         spatial_augmentation=config.spatial_augmentation, intensity_augmentation=config.intensity_augmentation,
-        seed=config.seed, rank=procs.rank)
+        seed=config.seed, rank=procs.rank, unlabelled=unlabelled, unlabelled_share=config.unlabelled_share)
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's too)
     network = build_network(plan, deep_supervision=config.deep_supervision)
@@ -425,9 +510,17 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
             raise ConfigError(f"[train] init_weights: {config.init_weights}: {str(error).splitlines()[0]}") from error
         if procs.rank == 0:
             log.info("starting from the weights of %s", config.init_weights)
-    layout = torch.channels_last_3d if config.channels_last else torch.contiguous_format
+    # channels-last-3d suits 3D convolutions; a 2.5D network's are 2D, on a batch it makes itself
+    layout = torch.channels_last_3d if config.channels_last and not plan.z_halo else torch.contiguous_format
     network.to(procs.device, memory_format=layout).train()
     optimizer = make_optimizer(network.parameters(), config)
+    partner: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None
+    if config.cps_weight > 0:  # the second network: same plan, its own initialisation
+        torch.manual_seed(config.seed + 1)
+        other = build_network(plan, deep_supervision=config.deep_supervision)
+        other.apply(he_init)
+        other.to(procs.device, memory_format=layout).train()
+        partner = (other, make_optimizer(other.parameters(), config))
     amp = autocast_dtype(config, procs.device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and procs.device.type == "cuda" else None
     history: dict[str, Any] = {"train_losses": [], "lrs": [], "epoch_start_timestamps": [],
@@ -440,6 +533,9 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
             optimizer.load_state_dict(state["optimizer_state"])
         if scaler is not None and state.get("grad_scaler_state") is not None:
             scaler.load_state_dict(state["grad_scaler_state"])
+        if partner is not None:
+            partner[0].load_state_dict(state["cps_partner"]["network_weights"])
+            partner[1].load_state_dict(state["cps_partner"]["optimizer_state"])
         history, best_ema = state["logging"], state["_best_ema"]
         progress_state = history.get("progress", {})
         steps_done = int(progress_state.get("steps_done", state["current_epoch"] * config.iterations_per_epoch))
@@ -449,9 +545,14 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
     history["train_config"] = {k: _plain(v) for k, v in vars(config).items()}
     if procs.distributed:
         # without deep supervision the decoder's other heads get no gradient, which DDP must be told
-        network = torch.nn.parallel.DistributedDataParallel(
-            network, device_ids=[procs.device.index] if procs.device.type == "cuda" else None,
-            find_unused_parameters=not config.deep_supervision)
+        def wrap(module: torch.nn.Module) -> torch.nn.Module:
+            return torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=[procs.device.index] if procs.device.type == "cuda" else None,
+                find_unused_parameters=not config.deep_supervision)
+
+        network = wrap(network)
+        if partner is not None:
+            partner = (wrap(partner[0]), partner[1])
     mirror_axes = settings.mirror_axes
     per_epoch = config.iterations_per_epoch
     total_steps = config.epochs * per_epoch
@@ -461,7 +562,7 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
                                "epoch_losses": list(epoch_losses), "epoch_lr": epoch_lr}
         return checkpoint.save(fold_dir / name, network, model_dir=model_dir, fold=fold,
                                epochs_done=steps_done // per_epoch, logging=history, best_ema=best_ema,
-                               mirror_axes=mirror_axes, optimizer=optimizer, grad_scaler=scaler)
+                               mirror_axes=mirror_axes, optimizer=optimizer, grad_scaler=scaler, partner=partner)
 
     final = fold_dir / "checkpoint_final.pth"
     finished = steps_done >= total_steps or schedule_progress(0, config, training_seconds) >= 1.0
@@ -501,7 +602,12 @@ def _train(dataset_dir: Path, model_dir: Path, config: TrainConfig, spec: Networ
                     if procs.rank == 0:
                         log.warning("bf16 autocast gives gradients unlike f32's for this network on this CPU "
                                     "(torch %s): training in f32", torch.__version__)
-            epoch_losses.append(train_step(network, optimizer, scaler, x, y, labelled, config, amp))
+            if partner is None:
+                loss = train_step(network, optimizer, scaler, x, y, labelled, config, amp, plan.z_halo)
+            else:
+                loss = cps_step((network, partner[0]), (optimizer, partner[1]), scaler, x, y, labelled, config, amp,
+                                plan.z_halo, cps_ramp(steps_done / per_epoch, config))
+            epoch_losses.append(loss)
             steps_done += 1
             now = time.perf_counter()
             training_seconds += now - clock

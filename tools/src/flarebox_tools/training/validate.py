@@ -59,7 +59,7 @@ def validate(network: torch.nn.Module, cases: list[TrainingCase], plan: ModelPla
     module.decoder.deep_supervision = False
     module.eval()
     try:
-        backend = TorchBackend([module], plan.patch_zyx, plan.num_classes, device=str(device))
+        backend = TorchBackend([module], plan.patch_zyx, plan.num_classes, device=str(device), z_halo=plan.z_halo)
         per_case = {}
         for case in cases:
             logits = predict_logits(np.asarray(case.image), backend, step_size=step_size)
