@@ -1,5 +1,6 @@
 # The verbs of the project. Everything runs in .venv (made on first use); no Docker unless named.
 #   make predict TASK=task2_cpu_organs IN=dir OUT=dir   run a task's predict.sh locally
+#   make build TASK=... [CONFIG=config_light.toml]      a task's image (CONFIG: another config of its folder)
 #   make test                                           all tests (what CI runs)
 #   make bench                                          Task 2 speed/memory figures
 #   make bench-train                                    training steps/s per demo network, and its levers
@@ -156,7 +157,7 @@ build: packages .wheelhouse/flarebox/.done
 	docker build -q --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) -f common/docker/flarebox.Dockerfile \
 	  -t $(TEAM)-site:latest .wheelhouse/flarebox
 	docker build --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg PACKAGES=$(TEAM)-packages:$(WHEEL_SET) \
-	  --build-arg SITE=$(TEAM)-site:latest -f $(TASK)/Dockerfile -t $(IMAGE) .
+	  --build-arg SITE=$(TEAM)-site:latest $(if $(CONFIG),--build-arg CONFIG=$(CONFIG)) -f $(TASK)/Dockerfile -t $(IMAGE) .
 	@docker image inspect $(IMAGE) --format '$(IMAGE): {{.Size}} bytes' | awk '{printf "%s %.0f MB\n", $$1, $$2/1e6}'
 
 build-all:

@@ -169,3 +169,27 @@ def test_multiply_accumulates_match_the_published_count():
         hook.remove()
     print(f"LightUNet: {2 * macs / 1e9:.2f} GFLOPs a 192x192 slice (published 1.29)")
     assert 1.0e9 < 2 * macs < 1.5e9
+
+
+def test_the_engine_runs_it_from_a_task_config_and_closes_its_labels(light_folder, tmp_path):
+    """A task config selects the 2.5D model (OpenVINO, fitted tiles, body crop) like any other, and
+    its [postprocess] closing runs on the result."""
+    from flarebox import io
+    from flarebox.config import from_dict
+    from flarebox.pipeline import Predictor
+    from flarebox.postprocess import close_labels
+    from flarebox_tools.convert import convert_model
+    from flarebox_tools.synthetic import ct_like, write_image
+
+    if not (light_folder / "openvino" / "manifest.json").is_file():
+        convert_model(light_folder)
+    volume = io.read_image(write_image(tmp_path / "ct_0000.nii.gz", ct_like((30, 64, 56), seed=3),
+                                       spacing_xyz=(2.5, 2.5, 2.5)))
+    sections = {"model": {"folder": str(light_folder)},
+                "preprocess": {"body_threshold": -500},
+                "inference": {"backend": "openvino", "precision": "f32", "fit_patch": True}}
+    plain = Predictor.from_config(from_dict(sections, tmp_path)).segment(volume)
+    closed = Predictor.from_config(from_dict({**sections, "postprocess": {"closing": 1}}, tmp_path)).segment(volume)
+    assert plain.shape == volume.array_zyx.shape and plain.max() > 0
+    assert not np.array_equal(plain, closed)  # random weights: ragged labels, which the closing changes
+    np.testing.assert_array_equal(closed, close_labels(plain, 1))

@@ -1,11 +1,11 @@
-"""postprocess: minimum lesion component size and organ-mask gating, measured in mm."""
+"""postprocess: closing of every label, minimum lesion component size and organ-mask gating, measured in mm."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from flarebox.postprocess import gate_by_mask, remove_small_components
+from flarebox.postprocess import close_labels, gate_by_mask, remove_small_components
 
 
 def _blobs() -> np.ndarray:
@@ -53,3 +53,43 @@ def test_gate_keeps_components_within_margin_of_the_mask():
     assert tight[4, 10, 10] == 1 and tight[4, 10, 30] == 0 and tight[4, 50, 50] == 0
     with pytest.raises(ValueError, match="shape"):
         gate_by_mask(labels, organ[1:], spacing, 3.0)
+
+
+def _closing_reference(labels: np.ndarray, radius: int) -> np.ndarray:
+    """Each label closed over the whole volume (no boxes), background filled in label order."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    pad = 2 * radius
+    for index in np.unique(labels)[1:]:
+        mask = np.pad(labels == index, pad)
+        closed = ndimage.binary_closing(mask, np.ones((2 * radius + 1,) * 3, bool))[(slice(pad, -pad),) * 3]
+        out[closed & (out == 0)] = index
+    return out
+
+
+def test_closing_fills_gaps_and_holes_of_each_label_and_only_background():
+    labels = np.zeros((16, 20, 20), np.uint8)
+    labels[2:10, 2:10, 2:10] = 3
+    labels[5, 5, 5] = 0  # a hole
+    labels[2:10, 6, 2:10] = 0  # a one-voxel gap right through it
+    labels[0:3, 15:20, 15:20] = 1  # at the volume's corner
+    labels[1, 17, 17] = 0
+    labels[12:15, 2:10, 2:10] = 2  # two voxels under label 3, a gap of 2 between: 3 wide no more
+    out = close_labels(labels, 1)
+    assert (out[2:10, 2:10, 2:10] == 3).all()  # gap and hole filled
+    assert out[1, 17, 17] == 1  # at the border too
+    assert (out[10:12] == 0).all()  # a 2-voxel gap between two labels stays: neither closes across it
+    assert ((labels > 0) <= (out == labels)).all()  # no labelled voxel changes
+    np.testing.assert_array_equal(out, _closing_reference(labels, 1))
+    np.testing.assert_array_equal(close_labels(labels, 2), _closing_reference(labels, 2))
+    assert close_labels(labels, 0) is labels
+
+
+def test_closing_runs_from_the_task_config(tmp_path):
+    from flarebox.config import from_dict
+    from flarebox.errors import ConfigError
+
+    assert from_dict({"postprocess": {"closing": 1}}, tmp_path).postprocess.closing == 1
+    with pytest.raises(ConfigError, match="closing"):
+        from_dict({"postprocess": {"closing": -1}}, tmp_path)

@@ -7,6 +7,7 @@
     flarebox-tools transfer --ct CT_RAW --mri MRI_DIR --work DIR    Task 3: MRI models from labelled CT
     flarebox-tools demo --task task2 --out MODEL --work DIR         the bundled demo weights
     flarebox-tools transfer-demo --out MODEL --work DIR             Task 3's CT-to-MRI demo weights
+    flarebox-tools cps-demo --task task2-light --work DIR           CPS against labels only, few labels
     flarebox-tools phantoms --out DIR --n 20                        synthetic CT/MRI phantoms
     flarebox-tools realism --real IMAGE LABELS --phantoms DIR       phantoms against a real CT, per organ
 
@@ -32,6 +33,7 @@ COMMANDS = {
     "transfer": "flarebox_tools.training.transfer",
     "demo": "flarebox_tools.training.demo",
     "transfer-demo": "flarebox_tools.training.transfer_demo",
+    "cps-demo": "flarebox_tools.training.cps_demo",
     "phantoms": "flarebox_tools.phantoms",
     "realism": "flarebox_tools.training.realism",
 }

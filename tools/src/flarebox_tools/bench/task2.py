@@ -32,12 +32,15 @@ from flarebox_tools.paths import REPO as ROOT
 
 # backend:precision[:option=value,...]; options: body (crop to voxels above this HU), fit (1: fitted
 # tile), step (tile step), locate (network: the bundled locator; model: the organ model coarsened),
-# threads (the network's; default: every core).
+# threads (the network's; default: every core), model (light: the bundled lightweight 2.5D network,
+# trained, instead of the published one), close (closing radius, postprocess), forced (1: the 3D-CPS
+# forced-spacing rule).
 # The last line is Task 2's shipped configuration.
 DEFAULT = "openvino:auto:body=-500,fit=1,step=0.75"
 CONFIGS = ["openvino:f32", "openvino:bf16", "openvino:int8", "torch:f32", "openvino:int8:body=-500,fit=1",
            DEFAULT, f"{DEFAULT},locate=model", f"{DEFAULT},locate=network"]
 LOCATOR = ROOT / "task2_cpu_organs" / "weights" / "locator"
+LIGHT = ROOT / "task2_cpu_organs" / "weights" / "light"
 CASES = ("phantom", "synthetic")
 PHANTOM_SEED = 20_000  # neither a training (0..) nor a demo held-out (10 000..) seed
 
@@ -103,7 +106,13 @@ def config_sections(spec: str) -> dict:
     if "threads" in options:
         inference["threads"] = int(options["threads"])
     preprocess = {"body_threshold": float(options["body"])} if "body" in options else {}
-    sections = {"inference": inference, "preprocess": preprocess}
+    if options.get("forced") == "1":
+        preprocess["forced_spacing"] = True
+    sections: dict = {"inference": inference, "preprocess": preprocess}
+    if options.get("model") == "light":
+        sections["model"] = {"folder": str(LIGHT)}
+    if "close" in options:
+        sections["postprocess"] = {"closing": int(options["close"])}
     if options.get("locate") == "network":
         sections["locate"] = {"mode": "network", "folder": str(LOCATOR)}
     elif options.get("locate") == "model":
