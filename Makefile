@@ -184,6 +184,8 @@ demo-weights: venv
 	$(PY) -m flarebox_tools.training.demo --task task2 --out task2_cpu_organs/weights/model --work .cache/demo/task2 \
 	    --train-cases 60 --config task2_cpu_organs/config.toml
 	$(PY) -m flarebox_tools.training.demo --task locator --out task2_cpu_organs/weights/locator --work .cache/demo/locator
+	$(PY) -m flarebox_tools.training.demo --task task2-light --out task2_cpu_organs/weights/light --work .cache/demo/task2-light \
+	    --train-cases 60 --minutes 30 --config task2_cpu_organs/config_light.toml
 	$(PY) -m flarebox_tools.training.demo --task task1 --out task1_pancancer/weights/model --work .cache/demo/task1 \
 	    --config task1_pancancer/config.toml
 	$(PY) -m flarebox_tools.training.transfer_demo --out task3_mri_transfer/weights/model \

@@ -625,3 +625,21 @@ def test_cuda_training_uses_fp16_autocast_and_grad_scaling(trained, tmp_path):
     state = torch.load(path, weights_only=False)
     assert state["grad_scaler_state"] is not None and len(state["logging"]["train_losses"]) == 2
     assert all(t.device.type == "cpu" for t in state["network_weights"].values())  # loads anywhere
+
+
+def test_cps_demo_withholds_all_but_the_first_labels(tmp_path):
+    from flarebox import io
+    from flarebox_tools.phantoms import write_dataset
+    from flarebox_tools.training.cps_demo import withheld_dataset
+
+    pool = write_dataset(tmp_path / "pool", 3, 0, spacing_zyx_mm=(8.0, 8.0, 8.0))
+    assert withheld_dataset(pool, tmp_path / "raw", 1) == (1, 2)
+    labels = sorted(p.name for p in (tmp_path / "raw" / "labelsTr").iterdir())
+    assert labels == ["phantom_0000.nii.gz", "unl_phantom_0001.nii.gz", "unl_phantom_0002.nii.gz"]
+    kept = io.read_image(tmp_path / "raw" / "labelsTr" / labels[0]).array_zyx
+    withheld = io.read_image(tmp_path / "raw" / "labelsTr" / labels[1])
+    original = io.read_image(pool / "labelsTr" / "phantom_0001.nii.gz")
+    assert kept.max() > 0 and withheld.array_zyx.max() == 0
+    assert withheld.geometry == original.geometry  # the same grid, no label on it
+    assert (tmp_path / "raw" / "imagesTr" / "unl_phantom_0001_0000.nii.gz").stat().st_ino == \
+        (pool / "imagesTr" / "phantom_0001_0000.nii.gz").stat().st_ino  # linked, not copied

@@ -38,7 +38,8 @@ from flarebox_tools.paths import REPO as ROOT
 # The last line is Task 2's shipped configuration.
 DEFAULT = "openvino:auto:body=-500,fit=1,step=0.75"
 CONFIGS = ["openvino:f32", "openvino:bf16", "openvino:int8", "torch:f32", "openvino:int8:body=-500,fit=1",
-           DEFAULT, f"{DEFAULT},locate=model", f"{DEFAULT},locate=network"]
+           DEFAULT, f"{DEFAULT},locate=model", f"{DEFAULT},locate=network", f"{DEFAULT},model=light",
+           f"{DEFAULT},locate=network,model=light"]
 LOCATOR = ROOT / "task2_cpu_organs" / "weights" / "locator"
 LIGHT = ROOT / "task2_cpu_organs" / "weights" / "light"
 CASES = ("phantom", "synthetic")

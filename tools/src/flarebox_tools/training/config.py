@@ -19,8 +19,13 @@ key and the reason. Example:
     [train]
     epochs = 100
     batch_size = 2                        # global: split over torchrun ranks as nnU-Net splits it
+    cps_weight = 0.5                      # cross pseudo supervision: two networks teach each other; 0 = off
     [train.partial_labels]                # case-id prefix (source dataset) -> the classes it annotates
     "kits_" = [1]
+    "unl_" = []                           # annotates nothing: unlabelled, learnt from by CPS only
+
+The lightweight 2.5D network (flarebox.networks.LightUNet) is `kind = "light"` in `[network]`:
+in-plane strides and [1, 3, 3] kernels, `patch_zyx` = slices per inference tile x 192 x 192.
 """
 
 from __future__ import annotations

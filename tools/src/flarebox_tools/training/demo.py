@@ -179,7 +179,7 @@ def score_model(model: Path, task: DemoTask, held_out: Path, task_config: Path |
         raw["model"] = {**raw.get("model", {}), "folder": str(Path(model).resolve())}
         raw.setdefault("inference", {}).pop("cache_dir", None)  # scoring fills no image's cache
         raw["inference"]["device"] = "cpu"
-        settings = f"{Path(task_config).parent.name}/config.toml, as its container runs it"
+        settings = f"{Path(task_config).parent.name}/{Path(task_config).name}, as its container runs it"
     else:
         raw = {"model": {"folder": str(model)},
                "inference": {"backend": task.backend, "precision": task.precision, "device": "cpu"}}
