@@ -61,6 +61,18 @@ def test_the_box_covers_the_organ_and_little_more(tiny_plan, transpose):
     assert "box z" in located.note and "% of the scan" in located.note
 
 
+def test_a_z_only_box_keeps_whole_slices(tiny_plan):
+    """axes = "z" (a 2.5D network's): the same slices as the full box, every row and column of them."""
+    spacing, cube = (2.5, 0.8, 0.8), ((30, 60), (40, 80), (20, 50))
+    image = _scan(cube=cube)
+    plan = dataclasses.replace(coarse_plan(tiny_plan, 1.0), spacing_zyx_mm=(5.0, 5.0, 5.0))
+    pre, strides = _coarse(image, spacing, plan)
+    full = decide(_bright(pre), pre, strides, image.shape, spacing, SETTINGS)
+    slices = decide(_bright(pre), pre, strides, image.shape, spacing, dataclasses.replace(SETTINGS, axes="z"))
+    assert slices.box == (full.box[0], (0, image.shape[1]), (0, image.shape[2]))
+    assert full.box[1] != (0, image.shape[1])  # the full box did crop in-plane
+
+
 def test_a_box_near_the_edge_grows_to_it(tiny_plan):
     spacing, cube = (2.5, 0.8, 0.8), ((0, 30), (40, 80), (20, 50))  # the scan cuts the organ at its first slice
     image = _scan(cube=cube)

@@ -61,6 +61,9 @@ class LocateConfig:
     labels: tuple[int, ...] = ()  # the labels whose box counts; none = every foreground label
     margin_mm: float = 20.0  # the box grows by this on every side
     min_size_mm: float = 30.0  # a box smaller than this along an axis is implausible: whole scan instead
+    # the axes the box crops: "zyx", or "z" (slices only) for a 2.5D network, which was trained on
+    # whole slices and whose GroupNorm sees a slice's whole field of view
+    axes: str = "zyx"
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,7 @@ def validate(config: TaskConfig) -> TaskConfig:
         (config.locate.coarsen >= 1, "[locate] coarsen", "at least 1"),
         (config.locate.margin_mm >= 0, "[locate] margin_mm", "zero or positive"),
         (config.locate.min_size_mm >= 0, "[locate] min_size_mm", "zero or positive"),
+        (config.locate.axes in ("zyx", "z"), "[locate] axes", "zyx or z"),
     ]
     for ok, key, expected in checks:
         if not ok:

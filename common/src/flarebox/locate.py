@@ -20,7 +20,8 @@ Each label keeps its major connected components only (a fifth of its largest or 
 blob far from the organs does not stretch the box. Safe by construction: a side of the box that
 comes within one coarse voxel of the scan's edge goes to the edge; no target voxel, or a box smaller
 than `min_size_mm` along an axis, falls back to the whole scan (the body crop still applies).
-`Located.note` says which, for the case's progress line.
+`Located.note` says which, for the case's progress line. With `axes = "z"` the box keeps whole
+slices and crops along z only (a 2.5D network must see the slices it was trained on).
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def decide(labels: np.ndarray, pre: Preprocessed, strides_zyx: tuple[int, ...], 
     coarse_mm = [pre.spacing_zyx_mm[pre.transpose_backward[a]] for a in range(3)]
     coarse_voxel = tuple(max(1, math.ceil(c / sp)) for c, sp in zip(coarse_mm, spacing_zyx_mm, strict=True))
     box = grow(box, shape_zyx, spacing_zyx_mm, settings.margin_mm, coarse_voxel)
+    if settings.axes == "z":
+        box = (box[0], (0, shape_zyx[1]), (0, shape_zyx[2]))
     kept = math.prod(hi - lo for lo, hi in box) / max(1, math.prod(shape_zyx))
     where = " ".join(f"{axis} {lo}:{hi}" for axis, (lo, hi) in zip("zyx", box, strict=True))
     return Located(box, f"box {where} ({kept:.0%} of the scan)")

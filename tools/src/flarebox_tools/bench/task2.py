@@ -114,8 +114,9 @@ def config_sections(spec: str) -> dict:
         sections["model"] = {"folder": str(LIGHT)}
     if "close" in options:
         sections["postprocess"] = {"closing": int(options["close"])}
-    if options.get("locate") == "network":
-        sections["locate"] = {"mode": "network", "folder": str(LOCATOR)}
+    if options.get("locate") in ("network", "network-z"):  # network-z: crop along z only
+        sections["locate"] = {"mode": "network", "folder": str(LOCATOR),
+                              "axes": "z" if options["locate"] == "network-z" else "zyx"}
     elif options.get("locate") == "model":
         sections["locate"] = {"mode": "model"}
     return sections
