@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,15 @@ def test_auto_precision_follows_the_cpu_and_the_model(tiny_plan, tmp_path):
     assert openvino_precision(True, "first_layer", {"avx2"})[0] == "f32"
     assert openvino_precision(True, None, {"avx2", "avx512f", "avx512_bf16"})[0] == "f32"  # bf16: never by itself
     assert openvino_precision(False, "enable", {"avx2", "avx512_vnni"}) == ("f32", "no INT8 IR")
+    # an IR that crashed OpenVINO's AVX2 kernels when converted runs INT8 only where VNNI is
+    crashed = "crashed (signal 11)"
+    assert openvino_precision(True, "enable", {"avx2"}, without_vnni=crashed)[0] == "f32"
+    assert crashed in openvino_precision(True, "enable", {"avx2"}, without_vnni=crashed)[1]
+    assert openvino_precision(True, "enable", {"avx2", "avx512_vnni"}, without_vnni=crashed)[0] == "int8"
+    assert openvino_precision(True, "enable", {"avx2"}, without_vnni="ok")[0] == "int8"
+    # the converter ran the tiny model's INT8 IR on the AVX2 kernels and recorded it
+    manifest = json.loads((tiny_plan.folder / "openvino" / "manifest.json").read_text())
+    assert manifest["int8_without_vnni"] == "ok"
     # the tiny model has an INT8 IR quantised by our converter (overflow fix on every layer): auto
     # takes it on this machine, whatever its CPU
     assert load_backend(tiny_plan, backend="openvino", precision="auto").precision == "int8"

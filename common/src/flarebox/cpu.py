@@ -41,14 +41,17 @@ def cpu_description() -> str:
 
 
 def openvino_precision(has_int8: bool, overflow_fix: str | None = "enable",
-                       flags: set[str] | None = None) -> tuple[str, str]:
+                       flags: set[str] | None = None, without_vnni: str | None = None) -> tuple[str, str]:
     """The precision `auto` runs on this CPU, and why (for the log): INT8 where the model has an
     INT8 IR and the CPU has VNNI, or has not but the IR cannot saturate (overflow fix on every
-    layer); else f32."""
+    layer) and ran on OpenVINO's AVX2 kernels when converted (`without_vnni`: the manifest's
+    check, None where it predates it); else f32."""
     flags = cpu_flags() if flags is None else flags
     vnni = sorted(flags & VNNI)
     if has_int8 and vnni:
         return "int8", f"VNNI: {' '.join(vnni)}"
+    if has_int8 and without_vnni not in (None, "ok"):
+        return "f32", f"no VNNI, and the INT8 IR {without_vnni} on OpenVINO's AVX2 kernels when converted"
     if has_int8 and overflow_fix == "enable":
         return "int8", "no VNNI; the INT8 IR has the overflow fix on every layer"
     if not has_int8:

@@ -12,6 +12,12 @@ result on every CPU, VNNI or not; with "first_layer" the Task 2 demo model lost 
 IR quantised otherwise in f32 on a CPU without VNNI (flarebox/cpu.py). `openvino/manifest.json`
 records the sha256 of every file, which the OpenVINO backend checks before it runs an IR. After
 conversion the model needs no torch at run time.
+
+An INT8 IR is also run once, in a child process held to OpenVINO's AVX2 kernels
+(ONEDNN_MAX_CPU_ISA=AVX2: what a CPU without VNNI runs), on an oblong tile: OpenVINO 2025's INT8
+kernels for AVX2 crashed (SIGSEGV) on the lightweight 2.5D network's tiles that were not square,
+while its f32 and VNNI kernels ran them. The manifest records the outcome (`int8_without_vnni`),
+and `precision = "auto"` runs f32 on a CPU without VNNI where it was not "ok".
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,6 +60,35 @@ def calibration_tiles(
     return tiles
 
 
+_RUN_ONE_TILE = """
+import sys
+import numpy as np
+import openvino as ov
+model = ov.Core().read_model(sys.argv[1])
+shape = [int(v) for v in sys.argv[2:]]
+model.reshape({0: shape})
+compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+compiled.create_infer_request().infer({0: np.random.default_rng(0).normal(size=shape).astype(np.float32)})
+"""
+
+
+def check_without_vnni(xml: Path, plan: ModelPlan) -> str:
+    """"ok" when the IR compiles and runs one oblong tile on OpenVINO's AVX2 kernels, else what
+    went wrong (in a child process: a crash must not take the conversion with it)."""
+    dz, dy, dx = plan.patch_divisor_zyx
+    shape = [1, plan.num_input_channels, max(dz, 2 * plan.z_halo + 2), 5 * dy, 4 * dx]
+    try:
+        done = subprocess.run([sys.executable, "-c", _RUN_ONE_TILE, str(xml), *map(str, shape)],
+                              env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}, capture_output=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "timed out"
+    if done.returncode < 0:
+        return f"crashed (signal {-done.returncode})"
+    if done.returncode > 0:
+        return f"failed ({done.stderr.decode(errors='replace').strip().splitlines()[-1:]})"
+    return "ok"
+
+
 def convert_model(
     folder: str | Path,
     *,
@@ -78,6 +115,7 @@ def convert_model(
     # A 2.5D network reshapes its tile into a batch of slices: that reshape must follow the tile's
     # shape, which the engine sets at compile time, so its z, y and x stay dynamic in the IR.
     declared = ov.PartialShape([1, shape[1], -1, -1, -1]) if plan.z_halo else ov.PartialShape(list(shape))
+    checks: list[str] = []  # each INT8 IR on OpenVINO's AVX2 kernels
     for fold in folds:
         network = load_network(plan, fold, checkpoint)
         with torch.no_grad():
@@ -93,6 +131,10 @@ def convert_model(
                                       advanced_parameters=advanced)
             written.append(out_dir / f"fold_{fold}_int8.xml")
             ov.save_model(quantized, written[1], compress_to_fp16=False)
+            checks.append(check_without_vnni(written[1], plan))
+            if checks[-1] != "ok":
+                log.warning("fold %d: the INT8 IR %s on OpenVINO's AVX2 kernels: `auto` runs f32 on CPUs "
+                            "without VNNI", fold, checks[-1])
         for xml in written:
             for part in (xml, xml.with_suffix(".bin")):
                 manifest["files"][part.name] = sha256(part)
@@ -100,6 +142,7 @@ def convert_model(
     manifest["input_shape"] = list(shape)
     if tiles:
         manifest["int8_overflow_fix"] = overflow_fix
+        manifest["int8_without_vnni"] = next((c for c in checks if c != "ok"), "ok")
     manifest["openvino"] = ov.__version__
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest_path

@@ -116,13 +116,14 @@ def load_backend(
     if backend == "openvino":
         if device != "cpu":
             raise ConfigError("the openvino backend runs on device 'cpu' only")
-        from flarebox.backends.openvino_runtime import OpenVINOBackend, ir_path, overflow_fix
+        from flarebox.backends.openvino_runtime import OpenVINOBackend, ir_path, manifest_entry
 
         if precision == "auto":
             from flarebox.cpu import openvino_precision
 
             has_int8 = all(ir_path(plan, fold, "int8").is_file() for fold in folds)
-            precision, why = openvino_precision(has_int8, overflow_fix(plan))
+            precision, why = openvino_precision(has_int8, manifest_entry(plan, "int8_overflow_fix"),
+                                                without_vnni=manifest_entry(plan, "int8_without_vnni"))
             log.info("precision auto: %s for %s (%s)", precision, plan.folder.name, why)
 
         return OpenVINOBackend(plan, precision=precision, folds=folds, threads=threads, cache_dir=cache_dir)

@@ -20,12 +20,13 @@ def ir_path(plan: ModelPlan, fold: int, precision: str) -> Path:
     return plan.folder / "openvino" / f"fold_{fold}_{kind}.xml"
 
 
-def overflow_fix(plan: ModelPlan) -> str | None:
-    """How the model's INT8 IR was quantised for CPUs without VNNI (`flarebox-tools convert`); None
-    where the manifest does not say (IR written before the setting was recorded: NNCF's default)."""
+def manifest_entry(plan: ModelPlan, key: str) -> str | None:
+    """An entry of the model's openvino/manifest.json (`flarebox-tools convert`); None where absent:
+    int8_overflow_fix, how the INT8 IR was quantised for CPUs without VNNI (absent: NNCF's
+    default); int8_without_vnni, whether it ran on OpenVINO's AVX2 kernels ("ok", or what failed)."""
     manifest = plan.folder / "openvino" / "manifest.json"
     try:
-        return json.loads(manifest.read_text()).get("int8_overflow_fix")
+        return json.loads(manifest.read_text()).get(key)
     except (OSError, ValueError):
         return None
 

@@ -359,6 +359,23 @@ def ship(task_name: str, final: Path, out: Path, *, raw: Path, held_out: Path,
     return scores
 
 
+def rescore(task_name: str, out: Path, *, work: Path, seed: int, n_held_out: int,
+            task_config: Path | None = None) -> dict:
+    """Score an installed demo model again, as its container now runs it (after a change to the
+    task's config or the engine), keeping what scores.json says of its training."""
+    task = TASKS[task_name]
+    held_out = phantoms.write_dataset(work / "held_out", n_held_out, seed + 10_000, label_set=task.label_set,
+                                      phases=task.phases, keep_existing=True, long_every=task.long_every)
+    before = json.loads((out / "scores.json").read_text())
+    scores = score_model(out, task, held_out, task_config)
+    if task_name == "locator":
+        scores["boxes"] = box_scores(out, held_out)
+    scores["training"] = before["training"]
+    (out / "scores.json").write_text(json.dumps(scores, indent=2, default=list) + "\n")
+    (out / "scores.md").write_text(markdown(scores, f"{task_name} demo model"))
+    return scores
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flarebox-tools demo", description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
@@ -369,10 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", help="the task's config.toml: score the model as its container runs it")
     parser.add_argument("--init-weights", help="start from this checkpoint (e.g. the bundled model's, to train on)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="no training: score the model in --out again as --config now runs it")
     parser.add_argument("--work", required=True,
                         help="phantoms, cache and checkpoints: rerun with the same folder to go on where it stopped")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    if args.rescore:
+        rescore(args.task, Path(args.out).resolve(), work=Path(args.work).resolve(), seed=args.seed,
+                n_held_out=args.held_out, task_config=Path(args.config) if args.config else None)
+        return 0
     return exit_status(lambda: run(
         args.task, Path(args.out).resolve(), minutes=args.minutes, n_train=args.train_cases,
         n_held_out=args.held_out, seed=args.seed, work=Path(args.work).resolve(),
