@@ -301,16 +301,25 @@ def train_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scale
     if labelled is not None:
         labelled = labelled.to(x.device)
     loss = deep_supervision_loss(outputs, y, labelled, batch_dice=config.batch_dice)
+    return _backward_and_step(loss, (network,), (optimizer,), scaler, config)
+
+
+def _backward_and_step(loss: torch.Tensor, networks: tuple[torch.nn.Module, ...],
+                       optimizers: tuple[torch.optim.Optimizer, ...], scaler: torch.amp.GradScaler | None,
+                       config: TrainConfig) -> float:
+    """Backward, each network's gradient norm clipped, each optimiser stepped; returns the loss."""
     if scaler is not None:
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-        torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm, foreach=True)
-        scaler.step(optimizer)
+        for network, optimizer in zip(networks, optimizers, strict=True):
+            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+            torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm, foreach=True)
+            scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm, foreach=True)
-        optimizer.step()
+        for network, optimizer in zip(networks, optimizers, strict=True):
+            torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm, foreach=True)
+            optimizer.step()
     return float(loss.detach())
 
 
@@ -352,19 +361,7 @@ def cps_step(networks: tuple[torch.nn.Module, torch.nn.Module],
     loss = sum(deep_supervision_loss(o, target, labelled, batch_dice=config.batch_dice) for o, target in pairs)
     if weight > 0:
         loss = loss + weight * cps_loss(pairs[0][0], pairs[1][0], batch_dice=config.batch_dice)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        for network, optimizer in zip(networks, optimizers, strict=True):
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm, foreach=True)
-            scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        for network, optimizer in zip(networks, optimizers, strict=True):
-            torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip_norm, foreach=True)
-            optimizer.step()
-    return float(loss.detach())
+    return _backward_and_step(loss, networks, optimizers, scaler, config)
 
 
 def split_unlabelled(cases: list[TrainingCase], config: TrainConfig) -> tuple[list[TrainingCase], list[TrainingCase]]:
