@@ -103,7 +103,7 @@ def markdown(summary: dict) -> str:
     first = runs[names[0]]
     lines = [f"# Cross pseudo supervision, {summary['task']}: {summary['labelled']} labelled + "
              f"{summary['unlabelled']} unlabelled phantoms", "",
-             f"Same compute: {summary['steps']} steps with the labels only, {summary['steps'] // 2} steps of two "
+             f"Same compute: {summary['steps']} steps with the labels only, half as many (whole epochs) of two "
              f"networks with CPS (weight {summary['cps_weight']}, ramped over the first third). Scored by the engine "
              f"({first['backend']}, {first['settings']}).", "",
              "| run | training min | steps | DSC held-out | NSD held-out | DSC real CT | NSD real CT |",
