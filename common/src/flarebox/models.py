@@ -76,7 +76,7 @@ class ModelPlan:
     @property
     def z_halo(self) -> int:
         """Slices a 2.5D network reads on each side of the one it segments; 0 for a 3D network."""
-        if self.architecture.class_name.rsplit(".", 1)[-1] != LIGHT_UNET.rsplit(".", 1)[-1]:
+        if not self.architecture.class_name.endswith(".LightUNet"):
             return 0
         return int(self.architecture.kwargs.get("slices", 3)) // 2
 

@@ -267,10 +267,10 @@ def predict_logits(
     patch, halo = tuple(backend.patch_zyx), backend.z_halo
     data = np.asarray(data, dtype=np.float32)
     if halo and data.shape[1] < patch[0]:  # a 2.5D network's end slices repeat (as a slice loop's would)
-        diff = patch[0] - data.shape[1]
-        data = np.pad(data, ((0, 0), (diff // 2, diff - diff // 2), (0, 0), (0, 0)), mode="edge")
+        slices, before = data.shape[1], (patch[0] - data.shape[1]) // 2
+        data = np.pad(data, ((0, 0), (before, patch[0] - slices - before), (0, 0), (0, 0)), mode="edge")
         padded, undo = pad_to_patch(data, patch, pad_values)
-        undo = (undo[0], slice(diff // 2, diff // 2 + data.shape[1] - diff), *undo[2:])
+        undo = (undo[0], slice(before, before + slices), *undo[2:])
     else:
         padded, undo = pad_to_patch(data, patch, pad_values)
     slicers = list(tiles(padded.shape[1:], patch, slice_steps(patch, step_size, halo)))
