@@ -643,3 +643,27 @@ def test_cps_demo_withholds_all_but_the_first_labels(tmp_path):
     assert withheld.geometry == original.geometry  # the same grid, no label on it
     assert (tmp_path / "raw" / "imagesTr" / "unl_phantom_0001_0000.nii.gz").stat().st_ino == \
         (pool / "imagesTr" / "phantom_0001_0000.nii.gz").stat().st_ino  # linked, not copied
+
+
+def test_cps_demo_reuses_a_shipped_run_and_tables_every_run(tmp_path):
+    import json
+
+    from flarebox_tools.training import cps_demo
+
+    final = tmp_path / "training" / "checkpoint_final.pth"
+    final.parent.mkdir()
+    final.write_bytes(b"")
+    organ = {"dsc": 0.5, "nsd": 0.25}
+    scores = {"backend": "openvino auto", "settings": "config.toml",
+              "held_out_phantoms": {"mean": {"liver": organ}}, "real_ct": {"scores": {"liver": organ}},
+              "training": {"minutes": 1.0, "steps": 10}}
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "scores.json").write_text(json.dumps(scores))
+    # shipped after the checkpoint was written: its scores are reused, nothing is converted again
+    assert cps_demo._shipped("task2", final, tmp_path / "model", raw=tmp_path, held_out=tmp_path,
+                             task_config=None) == scores
+    summary = {"task": "task2", "labelled": 1, "unlabelled": 2, "steps": 10, "cps_weight": 0.5,
+               "runs": {"labels_only": scores, "cps": scores, "cps_same_steps": scores}}
+    text = cps_demo.markdown(summary)
+    assert "as many CPS steps" in text
+    assert "| liver | " + " | ".join(["0.500 / 0.250"] * 6) + " |" in text

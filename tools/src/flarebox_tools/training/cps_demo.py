@@ -61,7 +61,7 @@ def withheld_dataset(pool: Path, out: Path, labelled: int) -> tuple[int, int]:
 
 
 def run(task_name: str, work: Path, *, labelled: int, unlabelled: int, steps: int, seed: int,
-        cps_weight: float, task_config: Path | None) -> dict:
+        cps_weight: float, task_config: Path | None, same_steps: bool = False) -> dict:
     task = TASKS[task_name]
     start = time.perf_counter()
     pool = phantoms.write_dataset(work / "pool", labelled + unlabelled, seed, label_set=task.label_set,
@@ -73,24 +73,35 @@ def run(task_name: str, work: Path, *, labelled: int, unlabelled: int, steps: in
     counts = withheld_dataset(pool, raw, labelled)
     log.info("%d labelled and %d unlabelled phantoms ready in %.0fs", *counts, time.perf_counter() - start)
     per_epoch = int(task.training.get("iterations_per_epoch", DEMO_TRAINING["iterations_per_epoch"]))
+    runs = [("labels_only", 0.0, steps), ("cps", cps_weight, steps // 2)]  # two networks a step: same compute
+    if same_steps:
+        runs.append(("cps_same_steps", cps_weight, steps))  # as many steps: twice the compute
     results = {}
-    for weight in (0.0, cps_weight):
-        run_steps = steps if weight == 0 else steps // 2  # two networks a step: the same compute
+    for name, weight, run_steps in runs:
         epochs = max(run_steps // per_epoch, 1)
         changes = {**DEMO_TRAINING, **task.training, "seed": seed, "epochs": epochs, "validation_cases": 0,
                    "cps_weight": weight, "cps_ramp_epochs": epochs / 3,
                    "partial_labels": ((UNLABELLED_PREFIX, ()),)}
         config = replace(TrainConfig(), **changes)
-        name = "cps" if weight else "labels_only"
         final = train(raw, work / name / "training", config, network_spec=task.network,
                       cache_dir=work / "preprocessed")
-        scores = ship(task_name, final, work / name / "model", raw=raw, held_out=held_out, task_config=task_config)
-        results[name] = scores
+        results[name] = _shipped(task_name, final, work / name / "model", raw=raw, held_out=held_out,
+                                 task_config=task_config)
     summary = {"task": task_name, "labelled": counts[0], "unlabelled": counts[1], "steps": steps,
                "cps_weight": cps_weight, "runs": results}
     (work / "cps.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")
     (work / "cps.md").write_text(markdown(summary))
     return summary
+
+
+def _shipped(task_name: str, final: Path, out: Path, *, raw: Path, held_out: Path,
+             task_config: Path | None) -> dict:
+    """The run's scores: those of its shipped model when it was shipped from this checkpoint (a
+    rerun that adds a run), else ship and score it now."""
+    scores = out / "scores.json"
+    if scores.exists() and scores.stat().st_mtime > final.stat().st_mtime:
+        return json.loads(scores.read_text())
+    return ship(task_name, final, out, raw=raw, held_out=held_out, task_config=task_config)
 
 
 def _mean(scores: dict[str, dict[str, float]], metric: str) -> float:
@@ -104,8 +115,10 @@ def markdown(summary: dict) -> str:
     lines = [f"# Cross pseudo supervision, {summary['task']}: {summary['labelled']} labelled + "
              f"{summary['unlabelled']} unlabelled phantoms", "",
              f"Same compute: {summary['steps']} steps with the labels only, half as many (whole epochs) of two "
-             f"networks with CPS (weight {summary['cps_weight']}, ramped over the first third). Scored by the engine "
-             f"({first['backend']}, {first['settings']}).", "",
+             f"networks with CPS (weight {summary['cps_weight']}, ramped over the first third)"
+             + (", and as many CPS steps as the labels alone got (cps_same_steps: twice the compute)"
+                if "cps_same_steps" in runs else "")
+             + f". Scored by the engine ({first['backend']}, {first['settings']}).", "",
              "| run | training min | steps | DSC held-out | NSD held-out | DSC real CT | NSD real CT |",
              "|---|---|---|---|---|---|---|"]
     for name, scores in runs.items():
@@ -115,11 +128,17 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {name} | {t['minutes']:.1f} | {t['steps']} | {_mean(held, 'dsc'):.3f} | "
                      f"{_mean(held, 'nsd'):.3f} | {_mean(real, 'dsc') if real else float('nan'):.3f} | "
                      f"{_mean(real, 'nsd') if real else float('nan'):.3f} |")
-    lines += ["", "Per organ, DSC on the held-out phantoms:", "",
-              "| organ | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += ["", "Per organ, DSC / NSD on the held-out phantoms and on the real CT:", "",
+              "| organ | " + " | ".join(f"{n} held-out | {n} real CT" for n in names) + " |",
+              "|---|" + "---|---|" * len(names)]
     for organ in first["held_out_phantoms"]["mean"]:
-        lines.append(f"| {organ} | " + " | ".join(f"{runs[n]['held_out_phantoms']['mean'][organ]['dsc']:.3f}"
-                                                for n in names) + " |")
+        cells = []
+        for n in names:
+            held = runs[n]["held_out_phantoms"]["mean"][organ]
+            real = runs[n].get("real_ct", {}).get("scores", {}).get(organ)
+            cells += [f"{held['dsc']:.3f} / {held['nsd']:.3f}",
+                      f"{real['dsc']:.3f} / {real['nsd']:.3f}" if real else "–"]
+        lines.append(f"| {organ} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -130,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unlabelled", type=int, default=40)
     parser.add_argument("--steps", type=int, default=480, help="steps with the labels only; CPS takes half")
     parser.add_argument("--cps-weight", type=float, default=0.5)
+    parser.add_argument("--same-steps", action="store_true",
+                        help="also a CPS run of as many steps as the labels-only one (twice its compute)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", help="the task's config.toml: score as its container runs the model")
     parser.add_argument("--work", required=True, help="phantoms, runs and results; rerun to go on")
@@ -137,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     return exit_status(lambda: run(args.task, Path(args.work).resolve(), labelled=args.labelled,
                                    unlabelled=args.unlabelled, steps=args.steps, seed=args.seed,
-                                   cps_weight=args.cps_weight,
+                                   cps_weight=args.cps_weight, same_steps=args.same_steps,
                                    task_config=Path(args.config).resolve() if args.config else None))
 
 
