@@ -150,6 +150,22 @@ def test_openvino_recompiles_for_a_fitted_patch(tiny_plan, real_ct_preprocessed,
         assert r >= 0.7
 
 
+def test_a_cap_on_onednn_instruction_sets_is_the_cpu_precision_is_chosen_for(monkeypatch):
+    from flarebox.cpu import NATIVE_BF16, VNNI, cpu_description, cpu_flags, openvino_precision
+
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # OpenVINO's kernels held to AVX2
+    flags = cpu_flags()
+    assert not flags & (VNNI | NATIVE_BF16 | {"avx512f"})
+    assert "held to AVX2" in cpu_description()
+    # the IR that crashed the AVX2 kernels is not run INT8 there, whatever the CPU itself has
+    assert openvino_precision(True, "enable", flags, without_vnni="crashed (signal 11)")[0] == "f32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert not cpu_flags() & NATIVE_BF16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")  # no cap: the CPU's own flags
+    assert "held to" not in cpu_description()
+
+
 def test_auto_precision_follows_the_cpu_and_the_model(tiny_plan, tmp_path):
     from flarebox.cpu import openvino_precision
 

@@ -20,13 +20,36 @@ NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})
 REPORTED = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
+AVX512 = frozenset({"avx512f", "avx512_vnni", "avx512_bf16"})
+AMX = frozenset({"amx_bf16", "amx_int8"})
+# oneDNN, whose kernels OpenVINO's CPU plugin runs, can be held below the CPU's own instruction sets
+# (ONEDNN_MAX_CPU_ISA): what each cap leaves out of the flags that decide the precision
+ISA_CAP_WITHOUT = {
+    "SSE41": AVX512 | AMX | VNNI | NATIVE_BF16 | {"avx2"},
+    "AVX": AVX512 | AMX | VNNI | NATIVE_BF16 | {"avx2"},
+    "AVX2": AVX512 | AMX | VNNI | NATIVE_BF16,
+    "AVX2_VNNI": AVX512 | AMX,
+    "AVX2_VNNI_2": AVX512 | AMX,
+    "AVX512_CORE": AMX | VNNI | NATIVE_BF16,
+    "AVX512_CORE_VNNI": AMX | NATIVE_BF16,
+    "AVX512_CORE_BF16": AMX,
+}
+
+
+def isa_cap() -> str:
+    """The cap set on oneDNN's instruction sets (ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA), or ''."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+
+
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
+    """The CPU's feature flags (/proc/cpuinfo) less those a cap on oneDNN's instruction sets keeps its
+    kernels from using; empty where they cannot be read."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
-    return set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return flags - ISA_CAP_WITHOUT.get(isa_cap(), frozenset())
 
 
 def cpu_description() -> str:
@@ -37,7 +60,8 @@ def cpu_description() -> str:
     except (OSError, StopIteration):
         name = "unknown CPU"
     flags = cpu_flags()
-    return f"{name}, {os.cpu_count()} threads, " + (" ".join(f for f in REPORTED if f in flags) or "no AVX2")
+    held = f" (oneDNN held to {isa_cap()})" if isa_cap() in ISA_CAP_WITHOUT else ""
+    return f"{name}, {os.cpu_count()} threads, " + (" ".join(f for f in REPORTED if f in flags) or "no AVX2") + held
 
 
 def openvino_precision(has_int8: bool, overflow_fix: str | None = "enable",

@@ -32,8 +32,9 @@ from flarebox_tools.paths import REPO as ROOT
 
 # backend:precision[:option=value,...]; options: body (crop to voxels above this HU), fit (1: fitted
 # tile), step (tile step), locate (network: the bundled locator; model: the organ model coarsened),
-# threads (the network's; default: every core), model (light: the bundled lightweight 2.5D network,
-# trained, instead of the published one), close (closing radius, postprocess), forced (1: the 3D-CPS
+# threads (the network's; default: every core), model (light: the bundled lightweight 2.5D network;
+# demo: the bundled nnU-Net demo model, 1.5 M parameters; both trained, instead of the published
+# network with random weights), close (closing radius, postprocess), forced (1: the 3D-CPS
 # forced-spacing rule).
 # The last line is Task 2's shipped configuration.
 DEFAULT = "openvino:auto:body=-500,fit=1,step=0.75"
@@ -41,7 +42,8 @@ CONFIGS = ["openvino:f32", "openvino:bf16", "openvino:int8", "torch:f32", "openv
            DEFAULT, f"{DEFAULT},locate=model", f"{DEFAULT},locate=network", f"{DEFAULT},model=light",
            f"{DEFAULT},locate=network,model=light"]
 LOCATOR = ROOT / "task2_cpu_organs" / "weights" / "locator"
-LIGHT = ROOT / "task2_cpu_organs" / "weights" / "light"
+BUNDLED = {"light": ROOT / "task2_cpu_organs" / "weights" / "light",
+           "demo": ROOT / "task2_cpu_organs" / "weights" / "model"}
 CASES = ("phantom", "synthetic")
 PHANTOM_SEED = 20_000  # neither a training (0..) nor a demo held-out (10 000..) seed
 
@@ -110,8 +112,8 @@ def config_sections(spec: str) -> dict:
     if options.get("forced") == "1":
         preprocess["forced_spacing"] = True
     sections: dict = {"inference": inference, "preprocess": preprocess}
-    if options.get("model") == "light":
-        sections["model"] = {"folder": str(LIGHT)}
+    if "model" in options:
+        sections["model"] = {"folder": str(BUNDLED[options["model"]])}
     if "close" in options:
         sections["postprocess"] = {"closing": int(options["close"])}
     if options.get("locate") in ("network", "network-z"):  # network-z: crop along z only
