@@ -50,3 +50,13 @@ def test_convert_of_a_folder_without_a_model_is_one_line(tmp_path):
     result = run("convert", str(tmp_path))
     assert result.returncode == 2 and str(tmp_path) in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_configurations_name_the_bundled_models_or_fail_in_one_line():
+    from flarebox_tools.bench.task2 import BUNDLED, config_sections
+
+    sections = config_sections("openvino:auto:body=-500,model=demo,locate=network-z")
+    assert sections["model"] == {"folder": str(BUNDLED["demo"])}
+    assert sections["locate"]["axes"] == "z" and sections["preprocess"] == {"body_threshold": -500.0}
+    with pytest.raises(SystemExit, match="model=big: not one of light, demo"):
+        config_sections("openvino:auto:model=big")

@@ -7,7 +7,9 @@ NNCF's overflow fix on every layer (`flarebox-tools convert`'s default, recorded
 then INT8 gives the same result there as with VNNI, at 1.7x f32's speed instead of 3-4x. bf16 is
 never chosen: even with AVX-512 BF16 its tile took half of f32's time on one of our CPUs (an AMD
 EPYC) and 1.55x on another (an Intel Xeon), and without it OpenVINO emulates bf16, many times
-slower than f32. Measured figures: docs/benchmarks.md.
+slower than f32. Where oneDNN is held below the CPU's instruction sets (ONEDNN_MAX_CPU_ISA, as our
+benchmarks do to time an AVX2-only CPU's kernels), the held sets are the CPU the choice is made for.
+Measured figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -113,6 +113,8 @@ def config_sections(spec: str) -> dict:
         preprocess["forced_spacing"] = True
     sections: dict = {"inference": inference, "preprocess": preprocess}
     if "model" in options:
+        if options["model"] not in BUNDLED:
+            raise SystemExit(f"{spec}: model={options['model']}: not one of {', '.join(BUNDLED)}")
         sections["model"] = {"folder": str(BUNDLED[options["model"]])}
     if "close" in options:
         sections["postprocess"] = {"closing": int(options["close"])}
