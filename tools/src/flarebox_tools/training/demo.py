@@ -80,7 +80,7 @@ TASKS = {
             kernel_sizes_zyx=((1, 3, 3),) + ((3, 3, 3),) * 5, blocks_per_stage=(2,) * 6,
             spacing_zyx_mm=(2.5, 2.5, 2.5), patch_zyx=(32, 96, 96),
             ct_clip_hu=(-958.0, 270.0), ct_mean_hu=-97.3, ct_std_hu=137.8),
-        training={"epochs": 85, "iterations_per_epoch": 40, "mirror_axes": ()},
+        training={"epochs": 130, "iterations_per_epoch": 40, "mirror_axes": ()},
         backend="openvino", precision="int8", openvino=True, int8=True, train_spacing_scale=1.0),
     # The lightweight alternative for Task 2 (FLARE.md, FZU; flarebox.networks.LightUNet): a 2.5D
     # U-Net of depthwise-separable convolutions with ECA, 16..256 features (0.40 M parameters), 3
